@@ -1,0 +1,12 @@
+"""User-facing errors.
+
+A `UserError` is bad input that the user can fix: the CLI prints its message as one line and exits
+with code 2, without a traceback. Library code raises it wherever the message can name the problem
+and the fix; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input: one line that names the problem and the fix (exit code 2)."""
+
+    exit_code = 2

@@ -1,0 +1,173 @@
+"""The Mamba-1 architecture config, and its two on-disk spellings (mamba-ssm and Hugging Face).
+
+Glossary (code name -> paper symbol, DESIGN 1.1):
+    d_model   d        width of the residual stream
+    n_layer   n        number of blocks
+    d_inner   D = expand * d   channels of the SSM
+    d_state   N        state size per channel
+    dt_rank   R        rank of the dt projection
+    d_conv    k        width of the causal depthwise convolution
+    vocab_size V       padded vocabulary (rows of the embedding and the LM head)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from simba_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    dt_rank: int = 0  # 0 means ceil(d_model / 16), mamba-ssm's "auto"
+    conv_bias: bool = True
+    bias: bool = False
+    rms_norm: bool = True
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.dt_rank == 0:
+            object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_conv", "dt_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MambaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    # --- mamba-ssm's config.json (state-spaces/mamba-*) -------------------------------------
+    @classmethod
+    def from_mamba_ssm(cls, cfg: dict) -> MambaConfig:
+        ssm = dict(cfg.get("ssm_cfg") or {})
+        layer = ssm.pop("layer", "Mamba1")
+        if layer != "Mamba1" or cfg.get("d_intermediate", 0):
+            raise UserError(
+                f"only Mamba-1 checkpoints are supported (this config has layer={layer!r}, "
+                f"d_intermediate={cfg.get('d_intermediate', 0)}); use a state-spaces/mamba-* model"
+            )
+        vocab = _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8))
+        dt_rank = ssm.get("dt_rank", "auto")
+        return cls(
+            d_model=cfg["d_model"],
+            n_layer=cfg["n_layer"],
+            vocab_size=vocab,
+            d_state=ssm.get("d_state", 16),
+            expand=ssm.get("expand", 2),
+            d_conv=ssm.get("d_conv", 4),
+            dt_rank=0 if dt_rank == "auto" else int(dt_rank),
+            conv_bias=ssm.get("conv_bias", True),
+            bias=ssm.get("bias", False),
+            rms_norm=cfg.get("rms_norm", True),
+            norm_eps=cfg.get("norm_epsilon", 1e-5),
+            residual_in_fp32=cfg.get("residual_in_fp32", True),
+            tie_embeddings=cfg.get("tie_embeddings", True),
+        )
+
+    def to_mamba_ssm(self) -> dict:
+        return {
+            "d_model": self.d_model,
+            "d_intermediate": 0,
+            "n_layer": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "ssm_cfg": {
+                "layer": "Mamba1",
+                "d_state": self.d_state,
+                "d_conv": self.d_conv,
+                "expand": self.expand,
+                "dt_rank": self.dt_rank,
+                "conv_bias": self.conv_bias,
+                "bias": self.bias,
+            },
+            "rms_norm": self.rms_norm,
+            "norm_epsilon": self.norm_eps,
+            "residual_in_fp32": self.residual_in_fp32,
+            "fused_add_norm": True,
+            "pad_vocab_size_multiple": 8,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    # --- Hugging Face MambaForCausalLM's config.json (*-hf) ---------------------------------
+    @classmethod
+    def from_hf(cls, cfg: dict) -> MambaConfig:
+        return cls(
+            d_model=cfg["hidden_size"],
+            n_layer=cfg["num_hidden_layers"],
+            vocab_size=cfg["vocab_size"],
+            d_state=cfg.get("state_size", 16),
+            expand=cfg.get("expand", 2),
+            d_conv=cfg.get("conv_kernel", 4),
+            dt_rank=int(cfg.get("time_step_rank") or 0),
+            conv_bias=cfg.get("use_conv_bias", True),
+            bias=cfg.get("use_bias", False),
+            rms_norm=True,  # MambaForCausalLM always uses RMSNorm
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            residual_in_fp32=cfg.get("residual_in_fp32", True),
+            tie_embeddings=cfg.get("tie_word_embeddings", True),
+        )
+
+    def to_hf(self) -> dict:
+        if not self.rms_norm:
+            raise UserError("MambaForCausalLM has no LayerNorm variant; save this model in mamba-ssm format")
+        return {
+            "architectures": ["MambaForCausalLM"],
+            "model_type": "mamba",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "state_size": self.d_state,
+            "expand": self.expand,
+            "intermediate_size": self.d_inner,
+            "conv_kernel": self.d_conv,
+            "time_step_rank": self.dt_rank,
+            "use_bias": self.bias,
+            "use_conv_bias": self.conv_bias,
+            "layer_norm_epsilon": self.norm_eps,
+            "residual_in_fp32": self.residual_in_fp32,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+        }
+
+
+def _pad_vocab(vocab: int, multiple: int) -> int:
+    return vocab if vocab % multiple == 0 else vocab + multiple - vocab % multiple
+
+
+# The official Mamba-1 family (state-spaces/mamba-*), for FLOPs tables without downloading weights.
+OFFICIAL = {
+    "mamba-130m": MambaConfig(d_model=768, n_layer=24, vocab_size=50280),
+    "mamba-370m": MambaConfig(d_model=1024, n_layer=48, vocab_size=50280),
+    "mamba-790m": MambaConfig(d_model=1536, n_layer=48, vocab_size=50280),
+    "mamba-1.4b": MambaConfig(d_model=2048, n_layer=48, vocab_size=50280),
+    "mamba-2.8b": MambaConfig(d_model=2560, n_layer=64, vocab_size=50280),
+}
+
+
+def official_config(name: str) -> MambaConfig | None:
+    """The config of an official size given as `mamba-130m`, `state-spaces/mamba-130m` or `...-hf`."""
+    key = name.split("/")[-1].removesuffix("-hf")
+    return OFFICIAL.get(key)

@@ -1,0 +1,1 @@
+"""Selective-scan and causal-conv backends behind one dispatching function each."""

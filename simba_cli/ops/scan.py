@@ -1,0 +1,115 @@
+"""One selective-scan function, several backends, chosen by device.
+
+    ref        the PyTorch loop in `scan_ref` (the oracle; any device and dtype; slow)
+    cpu        the compiled numba scan in `scan_cpu`, forward and backward (default on CPU)
+    triton     the Triton kernel in `simba_kernels.scan` (default on CUDA without mamba-ssm)
+    mamba_ssm  mamba-ssm's CUDA op, when that optional extra is installed (default on CUDA then)
+
+`SIMBA_SCAN_BACKEND` overrides the choice. mamba-ssm is imported only when first asked for: it does
+not import on CPU-only machines, and once imported it changes transformers' Mamba code path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from simba_cli.errors import UserError
+from simba_cli.ops.scan_ref import selective_scan_ref
+
+BACKENDS = ("ref", "cpu", "triton", "mamba_ssm")
+
+
+@functools.cache
+def mamba_ssm_available() -> bool:
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return True
+
+
+def default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    chosen = os.environ.get("SIMBA_SCAN_BACKEND")
+    if chosen:
+        if chosen not in BACKENDS:
+            raise UserError(f"SIMBA_SCAN_BACKEND={chosen!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        return chosen
+    if device.type == "cuda":
+        return "mamba_ssm" if mamba_ssm_available() else "triton"
+    if device.type == "cpu" and dtype != torch.float64:
+        return "cpu"
+    return "ref"
+
+
+def selective_scan(
+    u, delta, A, B, C, D_skip=None, z=None, delta_bias=None, delta_softplus=False,
+    lengths=None, return_last_state=False, backend: str | None = None,
+):
+    """Selective scan, token-major layout. See `scan_ref` for shapes and the recurrence.
+
+    Returns y (b, l, D), and the state after each sequence's last real token (b, D, N) when
+    `return_last_state`; that state carries no gradient.
+    """
+    backend = backend or default_backend(u.device, u.dtype)
+    if backend == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths,
+                                  return_last_state)
+    if backend == "cpu":
+        y, last = _CpuScan.apply(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+    elif backend == "triton":
+        from simba_cli.ops.scan_triton import triton_scan
+
+        y, last = triton_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+    elif backend == "mamba_ssm":
+        y, last = _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+    else:
+        raise UserError(f"unknown scan backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return (y, last) if return_last_state else y
+
+
+class _CpuScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
+        from simba_cli.ops.scan_cpu import scan_forward
+
+        y, last = scan_forward(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, delta_bias, lengths)
+        ctx.delta_softplus = delta_softplus
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, _glast):
+        from simba_cli.ops.scan_cpu import scan_backward
+
+        u, delta, A, B, C, D_skip, z, delta_bias, lengths = ctx.saved_tensors
+        grads = scan_backward(gy, u, delta, A, B, C, D_skip, z, delta_bias, ctx.delta_softplus, lengths)
+        return (*grads, None, None)
+
+
+def _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
+    if not mamba_ssm_available():
+        raise UserError("scan backend mamba_ssm needs the GPU extra: pip install 'simba-cli[gpu]'")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    if lengths is not None:
+        # mamba-ssm has no lengths argument: dt = 0 on padding keeps the state, so the last state
+        # is the one after the last real token (padding outputs are zeroed below).
+        mask = torch.arange(u.shape[1], device=u.device)[None, :] < lengths[:, None]
+        if delta_softplus:
+            pad_delta = torch.full_like(delta, -1e4)  # softplus(-1e4 + bias) == 0
+        else:
+            pad_delta = torch.zeros_like(delta) - (0 if delta_bias is None else delta_bias)
+        delta = torch.where(mask[..., None], delta, pad_delta)
+    t = lambda x: None if x is None else x.transpose(1, 2).contiguous()
+    y, last = selective_scan_fn(
+        t(u), t(delta), A.float(), t(B), t(C), None if D_skip is None else D_skip.float(), t(z),
+        None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state=True,
+    )
+    y = y.transpose(1, 2)
+    if lengths is not None:
+        y = y * mask[..., None].to(y.dtype)
+    return y, last
