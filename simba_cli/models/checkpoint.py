@@ -1,0 +1,145 @@
+"""Checkpoint formats: read and write a MambaLM as mamba-ssm or Hugging Face `MambaForCausalLM` files.
+
+    mamba-ssm (state-spaces/mamba-*):  config.json with d_model/n_layer/ssm_cfg, pytorch_model.bin
+    Hugging Face (*-hf):               config.json with model_type "mamba", model.safetensors
+                                       (or pytorch_model.bin, or a sharded *.index.json)
+
+Parameter names are the same in both but for the embedding: `backbone.embedding` (mamba-ssm, and
+this package) vs `backbone.embeddings` (transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from simba_cli.errors import UserError
+from simba_cli.models.config import MambaConfig
+from simba_cli.models.mamba import MambaLM
+
+HF_EMBED, OUR_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
+
+
+def read_config(directory: Path) -> tuple[MambaConfig, str]:
+    """The model config of a checkpoint directory, and its format: 'mamba_ssm' or 'hf'."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a Mamba checkpoint directory needs config.json and its weights")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download or re-save it") from e
+    try:
+        if raw.get("model_type") == "mamba" or "hidden_size" in raw:
+            return MambaConfig.from_hf(raw), "hf"
+        if "d_model" in raw:
+            return MambaConfig.from_mamba_ssm(raw), "mamba_ssm"
+    except KeyError as e:
+        raise UserError(f"{path} lacks the key {e.args[0]!r}; is this a Mamba-1 config?") from e
+    raise UserError(f"{path} is neither a mamba-ssm nor a Hugging Face Mamba config (no d_model or hidden_size)")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            return [directory / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} (truncated or corrupt? {type(e).__name__}); re-download or re-save it") \
+            from e
+
+
+def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in _weight_files(directory):
+        state.update(_read_weights(f))
+    if HF_EMBED in state:
+        state[OUR_EMBED] = state.pop(HF_EMBED)
+    return state
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MambaLM:
+    """A MambaLM from a checkpoint directory in either format; a one-line UserError when it does not fit."""
+    directory = Path(directory)
+    cfg, _ = read_config(directory)
+    state = load_state_dict(directory)
+    with torch.device("meta"):  # no memory and no random init: every tensor comes from the checkpoint
+        model = MambaLM(cfg, init=False)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    files = ", ".join(f.name for f in _weight_files(directory))
+    if missing or unexpected:
+        raise UserError(f"{directory}/{files} does not fit its config.json: missing keys {_short(missing)}, "
+                        f"unexpected keys {_short(unexpected)}")
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise UserError(f"{directory}/{files} does not fit its config.json: shape mismatch {_short(bad)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def save_checkpoint(model: MambaLM, directory: str | os.PathLike, fmt: str = "hf", tokenizer=None,
+                    extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write model (and tokenizer) in `fmt` ('hf' or 'mamba_ssm'), atomically: a temp dir renamed at the end."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise UserError(f"{directory} already exists; choose another path or pass --overwrite")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        if fmt == "hf":
+            from safetensors.torch import save_file
+
+            state[HF_EMBED] = state.pop(OUR_EMBED)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = model.cfg.to_hf()
+        elif fmt == "mamba_ssm":
+            torch.save(state, tmp / "pytorch_model.bin")
+            config = model.cfg.to_mamba_ssm()
+        else:
+            raise UserError(f"unknown checkpoint format {fmt!r}; use hf or mamba_ssm")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

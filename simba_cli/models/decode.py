@@ -1,0 +1,100 @@
+"""Recurrent decoding: a prefill that returns each layer's conv and SSM state, one-token steps, generate.
+
+The state of layer i is (conv_state (b, D, d_conv), ssm_state (b, D, N)); a step costs O(1) in the
+context length. The prefill may come from any forward that reports final states, dense here or
+Simba-pruned (`simba.pruned`), since decoding only needs each layer's state after its last real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from simba_cli.models.mamba import MambaLM
+
+
+@dataclass
+class DecodeState:
+    conv: list[torch.Tensor]  # per layer (b, D, d_conv)
+    ssm: list[torch.Tensor]  # per layer (b, D, N), float32
+
+
+@torch.no_grad()
+def prefill(model: MambaLM, input_ids, lengths=None):
+    """Dense prefill: logits at each sequence's last real token (b, V) and the decode state."""
+    hidden, residual = model.embed(input_ids), None
+    conv, ssm = [], []
+    for block in model.layers:
+        out, residual = block(hidden, residual, lengths, final_state=True)
+        hidden = out.out
+        conv.append(out.conv_state)
+        ssm.append(out.ssm_state.float())
+    last = _last_index(input_ids, lengths)
+    stream = hidden + residual
+    idx = last[:, None, None].expand(-1, 1, stream.shape[-1])
+    logits = model.logits_from_stream(torch.gather(stream, 1, idx).squeeze(1))
+    return logits, DecodeState(conv, ssm)
+
+
+def _last_index(input_ids, lengths):
+    b, l = input_ids.shape
+    if lengths is None:
+        return torch.full((b,), l - 1, device=input_ids.device)
+    return lengths.to(input_ids.device) - 1
+
+
+@torch.no_grad()
+def step(model: MambaLM, token_ids, state: DecodeState):
+    """One token per sequence: token_ids (b,) -> logits (b, V); the state is updated in place."""
+    hidden, residual = model.embed(token_ids), None
+    for i, block in enumerate(model.layers):
+        residual = block.add_residual(hidden, residual)
+        normed = block.norm(residual.to(block.norm.weight.dtype))
+        hidden = block.mixer.step(normed, state.conv[i], state.ssm[i])
+    return model.head(hidden, residual)
+
+
+@torch.no_grad()
+def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """Greedy when temperature == 0, else sampling with optional top-k / top-p filtering. logits (b, V)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        # Drop a token once the mass before it already reaches top_p (the first token always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MambaLM, input_ids, max_new_tokens: int, lengths=None, prefill_fn=prefill,
+             eos_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             generator=None):
+    """Prefill (dense by default; pass a Simba-pruned `prefill_fn`), then recurrent decoding.
+
+    Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos is padded with eos after it.
+    """
+    logits, state = prefill_fn(model, input_ids, lengths)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out.append(nxt)
+        if eos_token_id is not None and bool(done.all()):
+            break
+        logits = step(model, nxt, state)
+    if not out:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.stack(out, dim=1)

@@ -1,0 +1,88 @@
+"""The model against transformers' MambaForCausalLM (the oracle), in both checkpoint formats."""
+
+import pytest
+import torch
+from transformers import MambaForCausalLM
+
+from simba_cli.errors import UserError
+from simba_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from simba_cli.models.decode import generate, prefill, step
+from tests.conftest import random_model, tiny_config
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_logits_equal_transformers(tmp_path, fmt):
+    model = random_model(tiny_config(vocab_size=72))
+    hf_dir = save_checkpoint(model, tmp_path / "hf", fmt="hf")
+    ours_dir = save_checkpoint(model, tmp_path / f"ours-{fmt}", fmt=fmt)
+    oracle = MambaForCausalLM.from_pretrained(hf_dir).eval()
+    ours = load_checkpoint(ours_dir).eval()
+    ids = torch.randint(0, 72, (2, 23))
+    with torch.no_grad():
+        expected = oracle(ids).logits
+        got = ours(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_does_not_change_real_tokens(tiny_model):
+    ids = torch.randint(0, 64, (2, 17))
+    lengths = torch.tensor([17, 9])
+    with torch.no_grad():
+        batched = tiny_model(ids, lengths)
+        alone = tiny_model(ids[1:, :9])
+    torch.testing.assert_close(batched[1, :9], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_step_by_step_decoding_equals_parallel_forward(tiny_model):
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        full = tiny_model(ids)
+        logits, state = prefill(tiny_model, ids[:, :5])
+        outs = [logits]
+        for t in range(5, 12):
+            outs.append(step(tiny_model, ids[:, t], state))
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 4:], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_with_padding_matches_unpadded(tiny_model):
+    ids = torch.randint(0, 64, (2, 10))
+    lengths = torch.tensor([10, 3])
+    with torch.no_grad():
+        _, state = prefill(tiny_model, ids, lengths)
+        _, alone = prefill(tiny_model, ids[1:, :3])
+        nxt = torch.tensor([5, 7])
+        got = step(tiny_model, nxt, state)[1]
+        want = step(tiny_model, nxt[1:], alone)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_matches_argmax_of_forward(tiny_model):
+    ids = torch.randint(0, 64, (1, 6))
+    new = generate(tiny_model, ids, max_new_tokens=5)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, tiny_model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(new, seq[:, 6:])
+
+
+def test_missing_truncated_and_mismatched_checkpoints(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+    d = save_checkpoint(tiny_model, tmp_path / "m", fmt="hf")
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="model.safetensors.*truncated or corrupt"):
+        load_checkpoint(d)
+    other = save_checkpoint(random_model(tiny_config(n_layer=2)), tmp_path / "o", fmt="mamba_ssm")
+    (other / "config.json").write_text((save_checkpoint(tiny_model, tmp_path / "p", fmt="mamba_ssm")
+                                        / "config.json").read_text())
+    with pytest.raises(UserError, match="missing keys backbone.layers.2"):
+        load_checkpoint(other)
+
+
+def test_save_refuses_to_overwrite(tmp_path, tiny_model):
+    save_checkpoint(tiny_model, tmp_path / "m")
+    with pytest.raises(UserError, match="already exists"):
+        save_checkpoint(tiny_model, tmp_path / "m")
