@@ -5,8 +5,8 @@
     bias   : (D,) or None
     out[b, t, d] = sum_i weight[d, i] * x[b, t - k + 1 + i, d] + bias[d]    (x before 0 counts as 0)
 
-On CUDA the `causal-conv1d` package is used when installed (part of the GPU extra); elsewhere PyTorch's
-grouped conv1d. Right padding never reaches real tokens, since the filter only looks back.
+On CPU a compiled numba kernel (`conv_cpu`) in float32/16; on CUDA the `causal-conv1d` package when
+installed (part of the GPU extra); elsewhere PyTorch's grouped conv1d. Right padding never reaches real tokens, since the filter only looks back.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def causal_conv1d(x, weight, bias=None, silu: bool = True):
         fn = _causal_conv1d_fn()
         out = fn(x.transpose(1, 2), weight, bias, activation="silu" if silu else None)
         return out.transpose(1, 2)
+    if x.device.type == "cpu" and x.dtype != torch.float64:
+        from simba_cli.ops.conv_cpu import CpuCausalConv
+
+        return CpuCausalConv.apply(x, weight, bias, silu)
+    return causal_conv1d_ref(x, weight, bias, silu)
+
+
+def causal_conv1d_ref(x, weight, bias=None, silu: bool = True):
+    """PyTorch's grouped conv1d: the reference for the other paths."""
     k = weight.shape[-1]
     xt = F.pad(x.transpose(1, 2), (k - 1, 0))
     out = F.conv1d(xt, weight.unsqueeze(1), bias, groups=weight.shape[0]).transpose(1, 2)

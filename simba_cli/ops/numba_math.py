@@ -55,3 +55,16 @@ def channel_chunks(batch: int, channels: int) -> int:
     n_chunks = max(1, -(-threads // batch))
     width = -(-channels // n_chunks)
     return max(16, -(-width // 16) * 16)
+
+
+@nb.njit(inline="always", fastmath=True)
+def silu_inplace(x, p, ebits):
+    """x <- x * sigmoid(x) over a 1-d chunk, with the vectorised exp; p and ebits are scratch buffers."""
+    e2 = ebits.view(np.float32)
+    for j in range(x.shape[0]):
+        e = min(max(-x[j] * LOG2E, X_MIN), X_MAX)
+        k = np.floor(e)
+        p[j] = exp2_poly(e - k)
+        ebits[j] = exp2_bits(k)
+    for j in range(x.shape[0]):
+        x[j] = x[j] / (np.float32(1.0) + p[j] * e2[j])

@@ -15,6 +15,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from simba_cli.errors import UserError
 from simba_cli.ops.scan_ref import selective_scan_ref
@@ -58,7 +59,7 @@ def selective_scan(
         return selective_scan_ref(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths,
                                   return_last_state)
     if backend == "cpu":
-        y, last = _CpuScan.apply(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+        y, last = _cpu_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     elif backend == "triton":
         from simba_cli.ops.scan_triton import triton_scan
 
@@ -70,14 +71,27 @@ def selective_scan(
     return (y, last) if return_last_state else y
 
 
+def _cpu_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
+    # softplus, padding and the gate are cheap vectorised PyTorch ops (autograd differentiates them);
+    # the numba kernels do the recurrence, which is where the time goes.
+    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
+    if delta_softplus:
+        dt = F.softplus(dt)
+    if lengths is not None:
+        dt = dt * (torch.arange(u.shape[1])[None, :] < lengths[:, None])[..., None]
+    y, last = _CpuScan.apply(u, dt, A, B, C, D_skip, lengths)
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype), last
+
+
 class _CpuScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
+    def forward(ctx, u, dt, A, B, C, D_skip, lengths):
         from simba_cli.ops.scan_cpu import scan_forward
 
-        y, last = scan_forward(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
-        ctx.save_for_backward(u, delta, A, B, C, D_skip, z, delta_bias, lengths)
-        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, dt, A, B, C, D_skip, lengths)
+        y, last = scan_forward(u, dt, A, B, C, D_skip, lengths)
         ctx.mark_non_differentiable(last)
         return y, last
 
@@ -85,9 +99,10 @@ class _CpuScan(torch.autograd.Function):
     def backward(ctx, gy, _glast):
         from simba_cli.ops.scan_cpu import scan_backward
 
-        u, delta, A, B, C, D_skip, z, delta_bias, lengths = ctx.saved_tensors
-        grads = scan_backward(gy, u, delta, A, B, C, D_skip, z, delta_bias, ctx.delta_softplus, lengths)
-        return (*grads, None, None)
+        u, dt, A, B, C, D_skip, lengths = ctx.saved_tensors
+        grads = scan_backward(gy, u, dt, A, B, C, D_skip, lengths)
+        inputs = (u, dt, A, B, C, D_skip)
+        return (*(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)), None)
 
 
 def _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
