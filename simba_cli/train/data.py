@@ -1,0 +1,52 @@
+"""Token streams and batches for language-model training.
+
+Documents are tokenized and concatenated, each followed by the end-of-text token. A training batch is
+`batch_size` windows of seq_len + 1 tokens at random starts drawn from a seeded generator; its state is
+part of every checkpoint, so a resumed run sees exactly the batches it would have seen. All processes
+of a data-parallel run draw the same global batch and each takes its own rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simba_cli.errors import UserError
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class BatchSampler:
+    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+        if stream.numel() < seq_len + 2:
+            raise UserError(f"the training data has {stream.numel()} tokens, fewer than one window of "
+                            f"data.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len")
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """The next global batch's rows for this process: (batch_size // world, seq_len + 1)."""
+        starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.batch_size,),
+                               generator=self.generator)
+        mine = starts[rank::world]
+        return torch.stack([self.stream[s:s + self.seq_len + 1] for s in mine.tolist()])
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["generator"])
+
+
+def eval_windows(stream: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Non-overlapping windows (n, seq_len + 1) from the start of the stream, about max_tokens in all."""
+    n = min(max(1, max_tokens // seq_len), (stream.numel() - 1) // seq_len)
+    if n < 1:
+        raise UserError(f"the held-out data has {stream.numel()} tokens, fewer than one window of {seq_len + 1}")
+    return torch.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])

@@ -1,0 +1,323 @@
+"""`finetune`: train a Mamba LM from scratch or continue one, optionally with Simba pruning active.
+
+A run directory holds:
+    recipe.yaml        the resolved recipe (the single source of truth of the run)
+    run.json           versions, git commit, command, seed, device, world size, starting model
+    train_log.jsonl    one line per logged step and per evaluation
+    checkpoint.pt      the last complete training state (exact --resume)
+    model/             the final model (Hugging Face format, tokenizer, metrics.json; simba.yaml if pruned)
+    metrics.json       final metrics: held-out perplexity, time, tokens, FLOPs per token
+    loss.png           training and held-out loss
+
+Data parallel: run under `torchrun --nproc-per-node K simba finetune ...` (gloo on CPU, NCCL on CUDA);
+the global batch is split across processes and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from simba_cli.errors import UserError
+from simba_cli.models.checkpoint import save_checkpoint
+from simba_cli.models.config import MambaConfig
+from simba_cli.models.mamba import MambaLM
+from simba_cli.provenance import provenance
+from simba_cli.simba.flops import dense_flops_per_token
+from simba_cli.train import checkpoint as ckpt
+from simba_cli.train.bpe import cached_bpe
+from simba_cli.train.corpus import load_texts
+from simba_cli.train.data import BatchSampler, eval_windows, tokenize_documents
+from simba_cli.train.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # share the cores instead of oversubscribing them
+        import numba
+
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return Dist(dist.get_rank(), world)
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warmup, then cosine from lr to min_lr at the last step."""
+    o, total = recipe.optim, recipe.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: MambaLM, recipe: Recipe) -> torch.optim.Optimizer:
+    # Weight decay on matrices only; never on A_log, D, biases or norms (as mamba-ssm).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith("A_log") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas)
+
+
+class LossFn:
+    """Next-token loss of a batch (b, seq_len + 1): dense, or through the Simba-pruned forward."""
+
+    def __init__(self, recipe: Recipe):
+        self.prune = recipe.prune
+        if self.prune is not None:
+            from simba_cli.simba.pruned import PruneConfig
+
+            self.config = PruneConfig(schedule=self.prune.schedule, final_keep=self.prune.final_keep,
+                                      first_layer=self.prune.first_layer, criterion=self.prune.criterion,
+                                      mode="exit" if self.prune.loss_on == "all" else "protect")
+
+    def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.prune is None:
+            logits = model(inputs)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), targets.numel()
+        from simba_cli.simba.pruned import pruned_forward
+
+        protected = None
+        if self.prune.loss_on == "protected":
+            protected = torch.zeros_like(inputs, dtype=torch.bool)
+            protected[:, -self.prune.protect_last:] = True
+        out = pruned_forward(model, inputs, self.config, protected=protected)
+        # out.logits (b, P, V) at out.positions (b, P)
+        tgt = torch.gather(targets, 1, out.positions)
+        return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten()), tgt.numel()
+
+
+@torch.no_grad()
+def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int, device) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i:i + batch_size].to(device)
+        loss, n = loss_fn(model, batch)
+        total += loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, is_main: bool):
+    if resume:
+        if not (out / ckpt.CHECKPOINT).is_file():
+            raise UserError(f"nothing to resume in {out}: no {ckpt.CHECKPOINT}; run without --resume")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if is_main:
+            shutil.rmtree(out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def _start_model(recipe: Recipe, init_from: str | None, device):
+    """(model, tokenizer, prune_from_artifact) for a run: a given model, or a new one from the recipe."""
+    if init_from:
+        from simba_cli.simba.artifact import load_any
+
+        loaded, prune = load_any(init_from, device=device)
+        return loaded.model.train(), loaded.tokenizer, prune
+    if recipe.model is None:
+        raise UserError(f"recipe {recipe.name!r} has no model section: give a MODEL to continue, or add "
+                        f"model: {{d_model: ..., n_layer: ...}} to train from scratch")
+    docs = load_texts(recipe.data.source, "train", recipe.data.text_field)
+    tokenizer = cached_bpe(docs, recipe.tokenizer.vocab_size)
+    vocab = len(tokenizer)
+    vocab += (-vocab) % 8  # pad like mamba-ssm
+    m = recipe.model
+    cfg = MambaConfig(d_model=m.d_model, n_layer=m.n_layer, vocab_size=vocab, d_state=m.d_state, expand=m.expand,
+                      d_conv=m.d_conv)
+    model = MambaLM(cfg, init=False)
+    model.reset_parameters(seed=recipe.train.seed)
+    return model.to(device).train(), tokenizer, None
+
+
+def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None = None, resume: bool = False,
+             overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    """Train per `recipe` into the run directory `out`; returns the final metrics."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dd = _setup_distributed(device)
+    if recipe.train.batch_size % dd.world:
+        raise UserError(f"train.batch_size {recipe.train.batch_size} is not divisible by {dd.world} processes")
+    if resume and (out / "recipe.yaml").is_file():
+        saved = load_recipe(out / "recipe.yaml")
+        if saved.to_dict() != recipe.to_dict():
+            raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
+    _prepare_out(out, resume, overwrite, dd.main)
+    torch.manual_seed(recipe.train.seed)
+
+    model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
+    if artifact_prune is not None and recipe.prune is None:
+        recipe.prune = artifact_prune.to_recipe_spec()
+    loss_fn = LossFn(recipe)
+    train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
+    val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
+    val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
+    sampler = BatchSampler(train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed)
+    optimizer = _optimizer(model, recipe)
+    step, elapsed, tokens_seen = 0, 0.0, 0
+    if resume:
+        state = ckpt.load(out)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+    train_model = model
+    if dd.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    if dd.main and not resume:
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        info = provenance(seed=recipe.train.seed, device=str(device), world_size=dd.world, init_from=init_from,
+                          parameters=model.num_parameters(), model_config=model.cfg.to_dict(),
+                          train_tokens=train_stream.numel(), val_tokens=int(val_windows[:, 1:].numel()))
+        (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    log = open(out / "train_log.jsonl", "a") if dd.main else None
+
+    def write_log(record: dict):
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def checkpoint_now():
+        if dd.main:
+            ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                            "elapsed": elapsed, "tokens_seen": tokens_seen})
+
+    bar = _progress(progress and dd.main, recipe.train.steps, step)
+    tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
+    window_start, window_tokens = time.perf_counter(), 0
+    loss_value = float("nan")
+    with bar:
+        while step < recipe.train.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, recipe)
+            batch = sampler.next(dd.rank, dd.world).to(device)
+            with autocast():
+                loss, _ = loss_fn(train_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            tokens_seen += tokens_per_step
+            elapsed += time.perf_counter() - t0
+            window_tokens += tokens_per_step
+            loss_value = loss.item()
+            if step % recipe.train.log_every == 0 or step == recipe.train.steps:
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                write_log({"step": step, "loss": loss_value, "lr": lr_at(step - 1, recipe), "tokens": tokens_seen,
+                           "tokens_per_s": rate, "elapsed_s": elapsed})
+                window_start, window_tokens = time.perf_counter(), 0
+                bar.update(step, loss_value, rate)
+            if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
+                val = evaluate_loss(model, val_windows, loss_fn, recipe.train.batch_size, device)
+                write_log({"step": step, "val_loss": val, "val_ppl": math.exp(val), "elapsed_s": elapsed})
+                bar.note(f"step {step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})")
+            if step % recipe.train.checkpoint_every == 0 or step == recipe.train.steps:
+                checkpoint_now()
+    if log:
+        log.close()
+    metrics = {}
+    if dd.main:
+        val = evaluate_loss(model, val_windows, loss_fn, recipe.train.batch_size, device)
+        metrics = {
+            "name": recipe.name, "parameters": model.num_parameters(),
+            "flops_per_token": dense_flops_per_token(model.cfg), "steps": step, "tokens_seen": tokens_seen,
+            "train_time_s": round(elapsed, 1), "final_train_loss": loss_value, "val_loss": val,
+            "val_ppl": math.exp(val), "val_tokens": int(val_windows[:, 1:].numel()), "val_seq_len": recipe.data.seq_len,
+            "pruned": recipe.prune is not None,
+        }
+        _export(model, tokenizer, recipe, out, metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        from simba_cli.report.plots import plot_training
+
+        plot_training(out / "train_log.jsonl", out / "loss.png", title=recipe.name)
+    if dd.world > 1:
+        dist.barrier()
+    return metrics
+
+
+def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
+    extra = {"recipe.yaml": recipe.to_yaml(), "metrics.json": json.dumps(metrics, indent=2) + "\n"}
+    target = out / "model"
+    save_checkpoint(model, target, fmt="hf", tokenizer=tokenizer, extra_files=extra, overwrite=True)
+    if (out / "train_log.jsonl").is_file():
+        shutil.copy(out / "train_log.jsonl", target / "train_log.jsonl")
+    if recipe.prune is not None:
+        from simba_cli.simba.artifact import write_artifact_recipe
+
+        write_artifact_recipe(target, base=".", prune=recipe.prune)
+
+
+class _progress:
+    """A rich progress bar with loss, tokens/s and ETA; a no-op when disabled (other ranks, --quiet)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]:.3f}"),
+                                     TextColumn("{task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
+                                     TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, rate: float):
+        if self.enabled:
+            self.progress.update(self.task, completed=step, loss=loss, rate=rate)
+
+    def note(self, text: str):
+        if self.enabled:
+            self.progress.console.log(text)

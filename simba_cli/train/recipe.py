@@ -1,0 +1,198 @@
+"""Training recipes: readable YAML, validated into typed dataclasses, saved beside every run.
+
+    name: zoo-m
+    model:            # architecture, to train from scratch (leave out to continue a given model)
+      d_model: 128
+      n_layer: 8
+    tokenizer:        # for a model from scratch: a byte-level BPE trained on the training split
+      vocab_size: 2048
+    data:
+      source: shakespeare          # or a file, a directory, a saved dataset, hf:NAME
+      seq_len: 512
+    optim:
+      lr: 3.0e-3
+      ...
+    train:
+      steps: 3000
+      batch_size: 8                # global batch, split across data-parallel processes
+      ...
+    prune:            # optional: Simba pruning active during training
+      schedule: linear
+      final_keep: 0.3
+      criterion: simba
+      loss_on: all                 # all positions (through the early exits) or protected
+      protect_last: 64             # with loss_on: protected, the last k positions of each window
+
+Unknown keys and bad values are one-line errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from simba_cli.errors import UserError
+
+
+@dataclass
+class ModelSpec:
+    d_model: int
+    n_layer: int
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+
+
+@dataclass
+class TokenizerSpec:
+    vocab_size: int = 2048
+
+
+@dataclass
+class DataSpec:
+    source: str = "shakespeare"
+    seq_len: int = 512
+    text_field: str = "text"
+    val_tokens: int = 65536  # held-out tokens scored at each evaluation during training
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 1000
+    batch_size: int = 8
+    seed: int = 0
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    log_every: int = 10
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
+
+
+@dataclass
+class PruneSpec:
+    schedule: str = "linear"
+    final_keep: float = 0.1
+    first_layer: int = 1
+    criterion: str = "simba"
+    loss_on: str = "all"
+    protect_last: int = 64
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec | None = None
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    prune: PruneSpec | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.data.seq_len >= 2, "data.seq_len must be at least 2"),
+            (self.train.steps >= 1, "train.steps must be at least 1"),
+            (self.train.batch_size >= 1, "train.batch_size must be at least 1"),
+            (self.optim.lr > 0, "optim.lr must be positive"),
+            (0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr must be in [0, optim.lr]"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)"),
+            (all(0 <= b < 1 for b in self.optim.betas), "optim.betas must be in [0, 1)"),
+            (self.train.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
+            (self.tokenizer.vocab_size >= 300, "tokenizer.vocab_size must be at least 300 (256 bytes + merges)"),
+            (min(self.train.eval_every, self.train.checkpoint_every, self.train.log_every) >= 1,
+             "train.eval_every, checkpoint_every and log_every must be at least 1"),
+        ]
+        if self.prune is not None:
+            checks += [
+                (self.prune.loss_on in ("all", "protected"), "prune.loss_on must be all or protected"),
+                (0 < self.prune.final_keep <= 1, "prune.final_keep must be in (0, 1]"),
+                (self.prune.protect_last >= 1, "prune.protect_last must be at least 1"),
+            ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"recipe {self.name!r}: {message}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise UserError(f"{where}: missing key {missing[0] if missing else e}") from e
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
+            raise UserError(f"{where} must be a list of {len(typing.get_args(tp))} numbers, got {value!r}")
+        return tuple(_convert(a, v, where) for a, v in zip(typing.get_args(tp), value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 3e-3 (without a dot) as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    raw = dict(raw)
+    raw.setdefault("name", where)
+    return _build(Recipe, raw, where)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; see recipes/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    raw = raw or {}
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, str(path))
