@@ -16,19 +16,20 @@ def scan_inputs(b=2, l=37, d=40, n=5, seed=0):
                 B=r(b, l, n), C=r(b, l, n), D_skip=r(d), z=r(b, l, d), delta_bias=0.1 * r(d))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])  # triton runs in the interpreter (conftest)
 @pytest.mark.parametrize("lengths", [None, torch.tensor([37, 20])])
 @pytest.mark.parametrize("gate", [True, False])
-def test_cpu_scan_matches_reference_with_gradients(lengths, gate):
+def test_compiled_scan_matches_reference_with_gradients(backend, lengths, gate):
     x = scan_inputs()
     if not gate:
         x["z"] = None
     leaves = {k: v.requires_grad_() for k, v in x.items() if v is not None}
     outs = {}
-    for backend in ("ref", "cpu"):
-        y, last = selective_scan(**x, delta_softplus=True, lengths=lengths, return_last_state=True, backend=backend)
+    for name in ("ref", backend):
+        y, last = selective_scan(**x, delta_softplus=True, lengths=lengths, return_last_state=True, backend=name)
         g = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), list(leaves.values()))
-        outs[backend] = (y, last, g)
-    (y0, s0, g0), (y1, s1, g1) = outs["ref"], outs["cpu"]
+        outs[name] = (y, last, g)
+    (y0, s0, g0), (y1, s1, g1) = outs["ref"], outs[backend]
     torch.testing.assert_close(y1, y0, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(s1, s0, rtol=RTOL, atol=ATOL)
     for name, a, b in zip(leaves, g1, g0):

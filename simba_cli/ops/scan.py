@@ -59,11 +59,9 @@ def selective_scan(
         return selective_scan_ref(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths,
                                   return_last_state)
     if backend == "cpu":
-        y, last = _cpu_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+        y, last = _gated_scan(_CpuScan, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     elif backend == "triton":
-        from simba_cli.ops.scan_triton import triton_scan
-
-        y, last = triton_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+        y, last = _gated_scan(_TritonScan, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     elif backend == "mamba_ssm":
         y, last = _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     else:
@@ -71,38 +69,74 @@ def selective_scan(
     return (y, last) if return_last_state else y
 
 
-def _cpu_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
+def _gated_scan(core, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
     # softplus, padding and the gate are cheap vectorised PyTorch ops (autograd differentiates them);
-    # the numba kernels do the recurrence, which is where the time goes.
+    # the compiled core (numba on CPU, Triton on CUDA) does the recurrence, where the time goes.
     dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
     if delta_softplus:
         dt = F.softplus(dt)
     if lengths is not None:
-        dt = dt * (torch.arange(u.shape[1])[None, :] < lengths[:, None])[..., None]
-    y, last = _CpuScan.apply(u, dt, A, B, C, D_skip, lengths)
+        dt = dt * (torch.arange(u.shape[1], device=u.device)[None, :] < lengths[:, None])[..., None]
+    y, last = core.apply(u, dt, A, B, C, D_skip, lengths)
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(u.dtype), last
 
 
-class _CpuScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, dt, A, B, C, D_skip, lengths):
-        from simba_cli.ops.scan_cpu import scan_forward
+class _CoreScan(torch.autograd.Function):
+    """The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t, by a compiled
+    backend: subclasses name `forward_fn(u, dt, A, B, C, D_skip, lengths) -> (y, last)` and
+    `backward_fn(gy, u, dt, A, B, C, D_skip, lengths) -> (gu, gdt, gA, gB, gC, gD)`."""
 
+    @staticmethod
+    def forward_fn(*args):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward_fn(*args):
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, u, dt, A, B, C, D_skip, lengths):
         ctx.save_for_backward(u, dt, A, B, C, D_skip, lengths)
-        y, last = scan_forward(u, dt, A, B, C, D_skip, lengths)
+        y, last = cls.forward_fn(u, dt, A, B, C, D_skip, lengths)
         ctx.mark_non_differentiable(last)
         return y, last
 
-    @staticmethod
-    def backward(ctx, gy, _glast):
-        from simba_cli.ops.scan_cpu import scan_backward
-
+    @classmethod
+    def backward(cls, ctx, gy, _glast):
         u, dt, A, B, C, D_skip, lengths = ctx.saved_tensors
-        grads = scan_backward(gy, u, dt, A, B, C, D_skip, lengths)
+        grads = cls.backward_fn(gy, u, dt, A, B, C, D_skip, lengths)
         inputs = (u, dt, A, B, C, D_skip)
         return (*(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs)), None)
+
+
+class _CpuScan(_CoreScan):
+    @staticmethod
+    def forward_fn(*args):
+        from simba_cli.ops.scan_cpu import scan_forward
+
+        return scan_forward(*args)
+
+    @staticmethod
+    def backward_fn(*args):
+        from simba_cli.ops.scan_cpu import scan_backward
+
+        return scan_backward(*args)
+
+
+class _TritonScan(_CoreScan):
+    @staticmethod
+    def forward_fn(*args):
+        from simba_kernels.scan import selective_scan_fwd
+
+        return selective_scan_fwd(*args)
+
+    @staticmethod
+    def backward_fn(*args):
+        from simba_kernels.scan import selective_scan_bwd
+
+        return selective_scan_bwd(*args)
 
 
 def _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):

@@ -1,0 +1,143 @@
+"""Token-importance criteria: the Simba score and the baselines (DESIGN 1.2).
+
+Every criterion maps one layer's view of its current tokens to scores (b, l): higher is kept first;
+padding positions get -inf. The selection (top-k, protection, order) lives in `simba.pruned`.
+
+Simba. Unrolling the layer's recurrence, token t's contribution to the output at the last token T is
+
+    dy_T(t) = sum_n C_T[n] * exp(A[:, n] * S_t) * dt_t * B_t[n] * u_t,   S_t = sum_{k=t+1..T} dt_k
+
+a vector over channels d, equal to y_T(full) - y_T(u_t = 0) (the scan is linear in u). The score is
+    simba        max_d dy_T(t)[d]            (signed, the paper's wording)
+    simba-abs    max_d |dy_T(t)[d]|
+    simba-gated  max_d dy_T(t)[d] * silu(z_T)[d]   (including the output gate at T)
+S_t is a reverse exclusive cumulative sum and every exponent is <= 0 (A < 0, dt > 0), so the score is
+parallel over t and stable.
+
+Baselines:
+    random       uniform random scores (seeded per layer)
+    uniform      evenly spaced tokens (strided)
+    recent       the most recent tokens (score = position)
+    dt-norm      ||dt_t||_2 over channels (as DeciMamba)
+    output-norm  sum over channels of the block output clipped at zero (as ToR / ToP-ViM)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from simba_cli.errors import UserError
+from simba_cli.models.mamba import ScanInputs
+
+CRITERIA = ("simba", "simba-abs", "simba-gated", "random", "uniform", "recent", "dt-norm", "output-norm")
+NEEDS_SCAN = {"simba", "simba-abs", "simba-gated", "dt-norm"}
+
+
+def check_criterion(name: str) -> str:
+    if name not in CRITERIA:
+        raise UserError(f"unknown criterion {name!r}; use one of {', '.join(CRITERIA)}")
+    return name
+
+
+@dataclass
+class LayerView:
+    """What a criterion may look at, for the tokens currently entering the layer above."""
+
+    scan: ScanInputs | None  # the layer's scan inputs (u, delta, A, B, C, ...), on its current tokens
+    output: torch.Tensor  # (b, l, d) the layer's mixer output
+    lengths: torch.Tensor  # (b,) real tokens per sequence
+    keep: torch.Tensor  # (b,) how many tokens will be kept (used by `uniform`)
+    layer: int
+    seed: int = 0
+
+
+def positive_dt(scan: ScanInputs, lengths: torch.Tensor) -> torch.Tensor:
+    """dt = softplus(delta + bias), zero on padding: (b, l, D), float32 (float64 stays float64)."""
+    work = torch.float64 if scan.delta.dtype == torch.float64 else torch.float32
+    dt = F.softplus(scan.delta.to(work) + scan.delta_bias.to(work))
+    mask = torch.arange(dt.shape[1], device=dt.device)[None, :] < lengths[:, None]
+    return dt * mask[..., None]
+
+
+def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
+    """dy_T(t) for every t, (b, l, D): the reference formula (materialises (b, chunk, D, N); for tests)."""
+    b, l, d = u.shape
+    t_idx = torch.arange(l, device=u.device)[None, :]
+    upto = (t_idx <= last_idx[:, None]).to(dt.dtype)[..., None]
+    dtm = dt * upto
+    S = dtm.flip(1).cumsum(1).flip(1) - dtm  # S_t = sum_{t < k <= T} dt_k
+    c_T = C[torch.arange(b), last_idx]  # (b, N)
+    out = torch.empty_like(u, dtype=dt.dtype)
+    step = max(1, (1 << 24) // max(1, d * A.shape[1] * b))
+    for s in range(0, l, step):
+        e = torch.exp(A[None, None] * S[:, s:s + step, :, None])  # (b, c, D, N)
+        out[:, s:s + step] = torch.einsum("bcdn,bn,bcn->bcd", e, c_T.to(e.dtype), B[:, s:s + step].to(e.dtype))
+    return out * dt * u.to(dt.dtype) * upto
+
+
+def simba_score_reference(u, dt, A, B, C, last_idx, absolute=False, gate_T=None) -> torch.Tensor:
+    contrib = simba_contributions(u, dt, A, B, C, last_idx)
+    if gate_T is not None:
+        contrib = contrib * gate_T[:, None, :].to(contrib.dtype)
+    if absolute:
+        contrib = contrib.abs()
+    scores = contrib.amax(-1)
+    after = torch.arange(u.shape[1], device=u.device)[None, :] > last_idx[:, None]
+    return scores.masked_fill(after, float("-inf"))
+
+
+def simba_score(scan: ScanInputs, lengths: torch.Tensor, variant: str = "simba") -> torch.Tensor:
+    """The Simba score of a layer's tokens, (b, l), by the fastest backend for the device."""
+    dt = positive_dt(scan, lengths)
+    last_idx = lengths - 1
+    gate_T = None
+    if variant == "simba-gated":
+        gate_T = F.silu(scan.z[torch.arange(scan.z.shape[0]), last_idx].float())
+    absolute = variant == "simba-abs"
+    u, A, B, C = scan.u, scan.A, scan.B, scan.C
+    if u.device.type == "cpu" and dt.dtype == torch.float32:
+        from simba_cli.simba.score_cpu import simba_score_cpu
+
+        return simba_score_cpu(u, dt, A, B, C, last_idx, absolute, gate_T)
+    if u.device.type == "cuda":
+        from simba_kernels.simba_score import simba_score as triton_score
+
+        return triton_score(u, dt, A, B, C, last_idx, absolute=absolute, gate_T=gate_T)
+    return simba_score_reference(u.to(dt.dtype), dt, A.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype), last_idx,
+                                 absolute, gate_T)
+
+
+def uniform_scores(lengths: torch.Tensor, keep: torch.Tensor, l: int) -> torch.Tensor:
+    """1 on `keep` evenly spaced positions of each sequence (always including its last), else 0."""
+    scores = torch.zeros(lengths.shape[0], l, device=lengths.device)
+    for i, (n, k) in enumerate(zip(lengths.tolist(), keep.tolist())):
+        grid = torch.linspace(n - 1, 0, max(1, k), device=lengths.device).round().long()
+        scores[i, grid] = 1.0
+    return scores
+
+
+def score(criterion: str, view: LayerView) -> torch.Tensor:
+    """Scores (b, l) for the tokens of `view`; padding gets -inf."""
+    lengths = view.lengths
+    b, l = view.output.shape[:2]
+    device = view.output.device
+    if criterion.startswith("simba"):
+        scores = simba_score(view.scan, lengths, criterion)
+    elif criterion == "random":
+        gen = torch.Generator(device="cpu").manual_seed(view.seed * 100_003 + view.layer)
+        scores = torch.rand(b, l, generator=gen).to(device)
+    elif criterion == "uniform":
+        scores = uniform_scores(lengths, view.keep, l)
+    elif criterion == "recent":
+        scores = torch.arange(l, device=device, dtype=torch.float32).expand(b, l).clone()
+    elif criterion == "dt-norm":
+        scores = positive_dt(view.scan, lengths).float().norm(dim=-1)
+    elif criterion == "output-norm":
+        scores = view.output.float().clamp(min=0).sum(-1)
+    else:
+        raise UserError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    padding = torch.arange(l, device=device)[None, :] >= lengths[:, None]
+    return scores.float().masked_fill(padding, float("-inf"))

@@ -1,0 +1,234 @@
+"""The Simba core: criterion vs brute force, schedules, the pruned forward vs dense layers, FLOPs by hand."""
+
+import math
+
+import pytest
+import torch
+
+from simba_cli.errors import UserError
+from simba_cli.models.decode import generate
+from simba_cli.ops.scan_ref import selective_scan_ref
+from simba_cli.simba.criteria import positive_dt, simba_contributions, simba_score, simba_score_reference
+from simba_cli.simba.flops import analytic, dense_flops_per_token
+from simba_cli.simba.pruned import PruneConfig, check_seq_len, pruned_forward, pruned_prefill
+from simba_cli.simba.schedule import Schedule, mean_keep
+from tests.conftest import random_model, tiny_config
+
+
+def layer_scan(dtype=torch.float64, lengths=(13, 8), seed=0):
+    model = random_model(tiny_config(d_model=16), seed=seed).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(len(lengths), max(lengths), 16, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.tensor(lengths)
+    with torch.no_grad():
+        return model.layers[1].mixer.mix(h, lengths, keep_scan_inputs=True).scan, lengths
+
+
+@torch.no_grad()
+def test_criterion_equals_brute_force():
+    """dy_T(t) = y_T(full) - y_T(u_t = 0), the scan being linear in u; float64."""
+    scan, lengths = layer_scan()
+    dt = positive_dt(scan, lengths)
+    contrib = simba_contributions(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)
+    for b, n in enumerate(lengths.tolist()):
+        T = n - 1
+        args = lambda u: (u, dt[b:b + 1, :n], scan.A, scan.B[b:b + 1, :n], scan.C[b:b + 1, :n])
+        full = selective_scan_ref(*args(scan.u[b:b + 1, :n]))[0, T]
+        for t in range(T):  # at t = T the skip term D u_T would differ; T is never pruned anyway
+            u = scan.u[b:b + 1, :n].clone()
+            u[:, t] = 0
+            brute = full - selective_scan_ref(*args(u))[0, T]
+            torch.testing.assert_close(contrib[b, t], brute, rtol=1e-9, atol=1e-12)
+            assert contrib[b, t].max() == pytest.approx(
+                simba_score_reference(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)[b, t].item(), rel=1e-12)
+    assert torch.isinf(simba_score_reference(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)[1, 8:]).all()
+
+
+@pytest.mark.parametrize("variant", ["simba", "simba-abs", "simba-gated"])
+@torch.no_grad()
+def test_cpu_score_kernel_matches_reference(variant):
+    scan64, lengths = layer_scan(lengths=(40, 23), seed=1)
+    ref = simba_score(scan64, lengths, variant)  # float64 goes to the reference formula
+    scan32, _ = layer_scan(torch.float32, lengths=(40, 23), seed=1)
+    got = simba_score(scan32, lengths, variant)  # float32 on CPU goes to the numba kernel
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite].double(), ref[finite], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["simba", "simba-abs", "simba-gated"])
+@torch.no_grad()
+def test_triton_score_kernel_matches_the_criterion(variant):
+    """The fused kernel (interpreted on CPU) on a real layer's scan quantities, against the criterion."""
+    import torch.nn.functional as F
+
+    from simba_kernels.simba_score import simba_score as triton_score
+
+    scan, lengths = layer_scan(lengths=(40, 23), seed=2)
+    ref = simba_score(scan, lengths, variant)
+    gate_T = F.silu(scan.z[torch.arange(2), lengths - 1]) if variant == "simba-gated" else None
+    got = triton_score(scan.u, positive_dt(scan, lengths), scan.A, scan.B, scan.C, lengths - 1,
+                       absolute=variant == "simba-abs", gate_T=gate_T)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite].double(), ref[finite], rtol=1e-3, atol=1e-6)
+
+
+# --- schedules ---------------------------------------------------------------------------------------
+
+def test_linear_schedule_values():
+    r = Schedule("linear", 0.1).keep_ratios(24)
+    assert r[0] == 1.0 and r[-1] == pytest.approx(0.1)
+    assert mean_keep(r) == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(r, r[1:]))
+    r = Schedule("linear", 0.1, first_layer=4).keep_ratios(24)
+    assert r[:4] == [1.0] * 4 and r[4] == pytest.approx(1 - 0.9 / 20) and r[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "step"])
+def test_schedules_are_monotone_and_end_at_final_keep(kind):
+    r = Schedule(kind, 0.2, stages=3).keep_ratios(10)
+    assert r[0] == 1.0 and r[-1] == pytest.approx(0.2)
+    assert all(a >= b - 1e-12 for a, b in zip(r, r[1:]))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(kind="zigzag"), "unknown schedule"), (dict(final_keep=0), r"final_keep must be in \(0, 1\]"),
+    (dict(final_keep=1.5), r"final_keep must be in \(0, 1\]"), (dict(first_layer=0), "first_layer"),
+])
+def test_invalid_schedules(kw, msg):
+    with pytest.raises(UserError, match=msg):
+        Schedule(**kw)
+
+
+def test_unknown_criterion_and_short_sequences():
+    with pytest.raises(UserError, match="unknown criterion 'magic'"):
+        PruneConfig(criterion="magic")
+    with pytest.raises(UserError, match="too short"):
+        check_seq_len(PruneConfig(final_keep=0.1), 24, seq_len=20, n_protected=4)
+    check_seq_len(PruneConfig(final_keep=0.1), 24, seq_len=2048, n_protected=64)
+
+
+# --- the pruned forward -------------------------------------------------------------------------------
+
+def dense_on_gathered(model, ids, kept):
+    """Reference: run each dense block on the gathered sequence the trace says it saw; exits by hand."""
+    hidden, residual = model.embed(ids[None]), None
+    final = {}
+    for i, block in enumerate(model.layers):
+        cur = kept[i]
+        out, residual = block(hidden, residual)
+        hidden = out.out
+        stream = hidden + residual
+        nxt = kept[i + 1] if i + 1 < len(kept) else torch.tensor([], dtype=torch.long)
+        for j, p in enumerate(cur.tolist()):
+            if i + 1 == len(kept) or p not in nxt.tolist():
+                final[p] = stream[0, j]
+        if i + 1 < len(kept):
+            local = torch.tensor([cur.tolist().index(p) for p in nxt.tolist()])
+            hidden, residual = hidden[:, local], residual[:, local]
+    return model.logits_from_stream(torch.stack([final[p] for p in sorted(final)]))
+
+
+@pytest.mark.parametrize("criterion", ["simba", "recent", "random"])
+def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion):
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (2, 30))
+    lengths = torch.tensor([30, 19])
+    protected = torch.zeros(2, 30, dtype=torch.bool)
+    protected[0, 3] = True
+    with torch.no_grad():
+        out = pruned_forward(model, ids, PruneConfig(final_keep=0.2, criterion=criterion), lengths, protected,
+                             trace=True)
+        for b, n in enumerate(lengths.tolist()):
+            kept = [k[b][k[b] >= 0] for k in out.kept]
+            for k in kept:
+                assert torch.equal(k, k.sort().values), "kept tokens stay in order"
+                assert n - 1 in k.tolist(), "the last real token is never pruned"
+            if b == 0:
+                assert all(3 in k.tolist() for k in kept), "protected positions are never pruned"
+            assert [len(k) for k in kept] == out.tokens_per_layer[:, b].tolist()
+            assert len(kept[-1]) < len(kept[0])
+            ref = dense_on_gathered(model, ids[b, :n], kept)
+            torch.testing.assert_close(out.logits[b, :n], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_none_is_the_dense_model_bit_for_bit():
+    model = random_model()
+    ids = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        out = pruned_forward(model, ids, PruneConfig(schedule="none"))
+        assert torch.equal(out.logits, model(ids))
+        protected = torch.zeros(2, 17, dtype=torch.bool)
+        protected[:, 12:] = True
+        prot = pruned_forward(model, ids, PruneConfig(schedule="none", mode="protect"), protected=protected)
+        torch.testing.assert_close(prot.logits, model(ids)[:, 12:], rtol=1e-6, atol=1e-6)
+        assert prot.positions[0].tolist() == list(range(12, 17))
+
+
+def test_each_sequence_of_a_padded_batch_equals_itself_alone():
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (3, 26))
+    lengths = torch.tensor([26, 11, 20])
+    cfg = PruneConfig(final_keep=0.3)
+    with torch.no_grad():
+        batched = pruned_forward(model, ids, cfg, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone = pruned_forward(model, ids[b:b + 1, :n], cfg)
+            torch.testing.assert_close(batched.logits[b, :n], alone.logits[0], rtol=1e-4, atol=1e-4)
+            assert batched.tokens_per_layer[:, b].tolist() == alone.tokens_per_layer[:, 0].tolist()
+
+
+def test_protect_mode_scores_only_protected_positions():
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (2, 24))
+    protected = torch.zeros(2, 24, dtype=torch.bool)
+    protected[0, 20:] = True
+    protected[1, 10:12] = True
+    with torch.no_grad():
+        out = pruned_forward(model, ids, PruneConfig(final_keep=0.25, mode="protect"), protected=protected)
+        full = pruned_forward(model, ids, PruneConfig(final_keep=0.25), protected=protected)
+    assert out.positions[0].tolist() == [20, 21, 22, 23]
+    assert out.positions[1, :3].tolist() == [10, 11, 23] and out.valid[1].tolist() == [True, True, True, False]
+    # Protected positions run at full depth, the same in both modes.
+    torch.testing.assert_close(out.logits[0], full.logits[0, 20:], rtol=1e-5, atol=1e-5)
+    assert out.flops.head_positions == 7
+
+
+def test_pruned_prefill_then_decoding():
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (2, 20))
+    dense = generate(model, ids, 6)
+    none = generate(model, ids, 6, prefill_fn=pruned_prefill(PruneConfig(schedule="none")))
+    assert torch.equal(dense, none)
+    pruned = generate(model, ids, 6, prefill_fn=pruned_prefill(PruneConfig(final_keep=0.3)))
+    assert pruned.shape == (2, 6)
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------
+
+def test_flops_of_official_configs_by_hand():
+    from simba_cli.models.config import OFFICIAL
+
+    # mamba-130m, per token and layer: norm 4*768 = 3,072; in_proj 2*768*3072 = 4,718,592;
+    # conv 2*1536*4 = 12,288; x_proj 2*1536*(48+32) = 245,760; dt_proj 2*48*1536 = 147,456;
+    # scan 9*1536*16 = 221,184; out_proj 2*1536*768 = 2,359,296  -> 7,707,648 per layer, x 24.
+    # Head: 4*768 + 2*768*50280 = 77,233,152.
+    assert dense_flops_per_token(OFFICIAL["mamba-130m"]) == 24 * 7_707_648 + 77_233_152
+    # mamba-2.8b: d 2560, D 5120, R 160: 10,240 + 52,428,800 + 40,960 + 2*5120*192 = 1,966,080
+    # + 2*160*5120 = 1,638,400 + 9*5120*16 = 737,280 + 26,214,400 = 83,036,160 per layer, x 64.
+    # Head: 4*2560 + 2*2560*50280 = 257,443,840.
+    assert dense_flops_per_token(OFFICIAL["mamba-2.8b"]) == 64 * 83_036_160 + 257_443_840
+
+
+def test_measured_flops_equal_analytic():
+    model = random_model(tiny_config(n_layer=5))
+    cfg = PruneConfig(final_keep=0.2)
+    with torch.no_grad():
+        out = pruned_forward(model, torch.randint(0, 64, (1, 50)), cfg)
+    expected = analytic(model.cfg, 50, cfg.keep_ratios(5), "simba")
+    assert out.flops.tokens_in == expected.tokens_in == [50, 40, 30, 20, 10]
+    assert out.flops.total == expected.total
+    assert out.flops.criterion[-1] == 0 and all(c > 0 for c in out.flops.criterion[:-1])
+    assert out.flops.keep_ratios == [1.0, 0.8, 0.6, 0.4, 0.2]
+    assert math.isclose(expected.total / analytic(model.cfg, 50).total, 0.6, rel_tol=0.2)
