@@ -45,6 +45,118 @@ Model = Annotated[str, typer.Argument(help="A zoo name, a local checkpoint direc
                                            "(state-spaces/mamba-130m) or a pruned artifact (simba prune)")]
 
 
+Schedule = Annotated[str, typer.Option(help="none, linear (the paper's), cosine, constant or step")]
+FinalKeep = Annotated[float, typer.Option(help="Share of the input tokens entering the last layer, in (0, 1]")]
+FirstLayer = Annotated[int, typer.Option(help="First layer that sees fewer tokens (layer 0 sees all)")]
+Stages = Annotated[int, typer.Option(help="Number of steps of the step schedule")]
+Criterion = Annotated[str, typer.Option(help="simba, simba-abs, simba-gated, random, uniform, recent, dt-norm, "
+                                             "output-norm")]
+SeqLen = Annotated[int, typer.Option(help="Sequence length the FLOPs are counted at")]
+Head = Annotated[str, typer.Option(help="Logits at all positions (perplexity, training) or the last one")]
+Format = Annotated[str, typer.Option(help="table (terminal), json, csv or md, printed on stdout")]
+
+
+def _prune_config(schedule, final_keep, first_layer, stages, criterion, mode="exit"):
+    from simba_cli.simba.pruned import PruneConfig
+
+    return PruneConfig(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
+                       criterion=criterion, mode=mode)
+
+
+def _emit(rows: list[dict], fmt: str, title: str = ""):
+    from simba_cli.report.tables import markdown_table, print_table
+
+    if fmt == "table":
+        print_table(rows, title=title)
+    elif fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        import pandas as pd
+
+        typer.echo(pd.DataFrame(rows).to_csv(index=False), nl=False)
+    elif fmt == "md":
+        typer.echo(markdown_table(rows))
+    else:
+        raise UserError(f"unknown format {fmt!r}; use table, json, csv or md")
+
+
+@command("prune")
+def prune_cmd(
+    model: Model,
+    out: Annotated[Path, typer.Option(help="Artifact directory to write (simba.yaml)")],
+    schedule: Schedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1, stages: Stages = 4,
+    criterion: Criterion = "simba",
+    mode: Annotated[str, typer.Option(help="exit: logits for every position; protect: protected ones only")] = "exit",
+    seq_len: SeqLen = 2048,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact in --out")] = False,
+):
+    """Write a pruned-model artifact: the base model, schedule, criterion, per-layer keep ratios, FLOPs."""
+    from simba_cli.simba.artifact import prune_model
+
+    body = prune_model(model, out, _prune_config(schedule, final_keep, first_layer, stages, criterion, mode),
+                       seq_len, overwrite)
+    f = body["flops"]
+    typer.echo(f"wrote {out / 'simba.yaml'}: {body['base']} with {body['prune']['schedule']} to "
+               f"{body['prune']['final_keep']:g} by {body['prune']['criterion']}, mean keep "
+               f"{sum(body['keep_ratios']) / len(body['keep_ratios']):.3f}, {f['ratio']:.3f}x dense FLOPs at "
+               f"{f['seq_len']} tokens")
+
+
+@command("flops-report")
+def flops_report_cmd(
+    models: Annotated[list[str] | None, typer.Argument(help="Models: official sizes (mamba-130m ... mamba-2.8b), zoo "
+                                                            "names, directories or artifacts; default: the "
+                                                            "official family")] = None,
+    schedule: Schedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1, stages: Stages = 4,
+    criterion: Criterion = "simba", seq_len: SeqLen = 2048, head: Head = "all",
+    per_layer: Annotated[bool, typer.Option(help="Also a per-layer table")] = False,
+    format: Format = "table",
+    out: Annotated[Path | None, typer.Option(help="Also write flops.csv/.md/.json (and layers.*) here")] = None,
+):
+    """FLOPs per model, dense and pruned (analytic, no weights needed), optionally per layer."""
+    from simba_cli.models.config import OFFICIAL
+    from simba_cli.report.tables import write_tables
+    from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
+    from simba_cli.simba.pruned import DENSE
+
+    requested = _prune_config(schedule, final_keep, first_layer, stages, criterion)
+    rows, layers = [], []
+    for name in models or list(OFFICIAL):
+        cfg, artifact = model_config(name)
+        for config in (DENSE, artifact or requested):
+            rows.append(summary_row(name, cfg, config, seq_len, head))
+            if per_layer and config is not DENSE:
+                layers += layer_rows(name, cfg, config, seq_len, head)
+    _emit(rows, format, title=f"FLOPs per {seq_len}-token sequence (logits at {head} positions)")
+    if per_layer:
+        _emit(layers, format, title="per layer")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_tables(rows, out / "flops")
+        if per_layer:
+            write_tables(layers, out / "layers")
+
+
+@command("flops-match")
+def flops_match_cmd(
+    big: Annotated[str, typer.Argument(help="The model to prune (official size, zoo name, directory)")],
+    target: Annotated[str, typer.Option(help="The dense model whose FLOPs to match")],
+    seq_len: SeqLen = 2048, schedule: Schedule = "linear", first_layer: FirstLayer = 1, stages: Stages = 4,
+    criterion: Criterion = "simba", head: Head = "all",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+):
+    """Find the final_keep at which BIG with Simba costs what TARGET costs dense."""
+    from simba_cli.simba.flops_tables import match_final_keep
+
+    m = match_final_keep(big, target, seq_len, _prune_config(schedule, 0.1, first_layer, stages, criterion), head)
+    if json_out:
+        typer.echo(json.dumps(m.to_dict(), indent=2))
+    else:
+        typer.echo(f"final_keep = {m.final_keep:.6f}: {m.message()}" if m.reachable else m.message())
+    if not m.reachable:
+        raise typer.Exit(1)
+
+
 @command("finetune")
 def finetune_cmd(
     model: Annotated[str | None, typer.Argument(help="Model to continue (a pruned artifact trains with pruning "

@@ -20,16 +20,21 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: list[dict], title: str = ""):
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title or None)
+    table = Table(title=title or None, box=box.SIMPLE_HEAD)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     for c in columns:
-        table.add_column(str(c), justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+        numeric = rows and isinstance(rows[0].get(c), (int, float))
+        table.add_column(str(c), justify="right" if numeric else "left", no_wrap=True)
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in columns))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: never squeeze the table into 80 columns
+        console = Console(width=max(80, table.__rich_measure__(console, console.options).maximum))
+    console.print(table)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -61,6 +61,13 @@ class PruneConfig:
         s = self.as_schedule().describe()
         return s if self.schedule == "none" else f"{s} by {self.criterion}"
 
+    def short(self) -> str:
+        """A compact label for tables: 'dense', 'linear 0.1 simba', 'step 0.2 recent from 4'."""
+        if self.schedule == "none":
+            return "dense"
+        return f"{self.schedule} {self.final_keep:.4g} {self.criterion}" + (
+            f" from {self.first_layer}" if self.first_layer != 1 else "")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

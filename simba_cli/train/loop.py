@@ -38,7 +38,7 @@ from simba_cli.train import checkpoint as ckpt
 from simba_cli.train.bpe import cached_bpe
 from simba_cli.train.corpus import load_texts
 from simba_cli.train.data import BatchSampler, eval_windows, tokenize_documents
-from simba_cli.train.recipe import Recipe, load_recipe
+from simba_cli.train.recipe import PruneSpec, Recipe, load_recipe
 
 
 @dataclass
@@ -84,17 +84,28 @@ def _optimizer(model: MambaLM, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas)
 
 
+def prune_config(spec: PruneSpec):
+    """The pruned forward's configuration for a recipe's prune section."""
+    from simba_cli.simba.pruned import PruneConfig
+
+    return PruneConfig(schedule=spec.schedule, final_keep=spec.final_keep, first_layer=spec.first_layer,
+                       stages=spec.stages, criterion=spec.criterion,
+                       mode="exit" if spec.loss_on == "all" else "protect")
+
+
+def prune_spec(config) -> PruneSpec:
+    """A recipe's prune section for a pruned artifact's configuration (loss on every position)."""
+    return PruneSpec(schedule=config.schedule, final_keep=config.final_keep, first_layer=config.first_layer,
+                     stages=config.stages, criterion=config.criterion)
+
+
 class LossFn:
     """Next-token loss of a batch (b, seq_len + 1): dense, or through the Simba-pruned forward."""
 
     def __init__(self, recipe: Recipe):
         self.prune = recipe.prune
         if self.prune is not None:
-            from simba_cli.simba.pruned import PruneConfig
-
-            self.config = PruneConfig(schedule=self.prune.schedule, final_keep=self.prune.final_keep,
-                                      first_layer=self.prune.first_layer, criterion=self.prune.criterion,
-                                      mode="exit" if self.prune.loss_on == "all" else "protect")
+            self.config = prune_config(self.prune)
 
     def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -182,7 +193,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
 
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
     if artifact_prune is not None and recipe.prune is None:
-        recipe.prune = artifact_prune.to_recipe_spec()
+        recipe.prune = prune_spec(artifact_prune)
     loss_fn = LossFn(recipe)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
@@ -285,9 +296,10 @@ def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
     if (out / "train_log.jsonl").is_file():
         shutil.copy(out / "train_log.jsonl", target / "train_log.jsonl")
     if recipe.prune is not None:
-        from simba_cli.simba.artifact import write_artifact_recipe
+        from simba_cli.simba.artifact import write_artifact
 
-        write_artifact_recipe(target, base=".", prune=recipe.prune)
+        write_artifact(target, ".", prune_config(recipe.prune), model.cfg, recipe.data.seq_len, overwrite=True,
+                       seed=recipe.train.seed)
 
 
 class _progress:

@@ -87,6 +87,7 @@ class PruneSpec:
     schedule: str = "linear"
     final_keep: float = 0.1
     first_layer: int = 1
+    stages: int = 4
     criterion: str = "simba"
     loss_on: str = "all"
     protect_last: int = 64

@@ -1,0 +1,122 @@
+"""The pruned-model artifact: a directory with `simba.yaml`, loadable wherever a model is expected.
+
+    simba.yaml
+      simba_artifact: 1
+      base: state-spaces/mamba-370m      # a hub id, a zoo name, an absolute directory, or "." when the
+                                         # weights sit beside this file (a model fine-tuned with pruning)
+      prune: {schedule: linear, final_keep: 0.1, first_layer: 1, stages: 4, criterion: simba, mode: exit}
+      model: {d_model: ..., n_layer: ...}          # the base model's architecture
+      keep_ratios: [1.0, 0.96, ...]                # tokens entering each layer, as a fraction of the input
+      flops: {seq_len: 2048, dense: ..., pruned: ..., ratio: ..., per_layer: [...]}   # analytic
+      provenance: {versions, git_commit, command}
+
+The artifact stores no weights of its own (unless base is "."): it is a recipe for pruning a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from simba_cli.errors import UserError
+from simba_cli.models.checkpoint import read_config
+from simba_cli.models.config import MambaConfig
+from simba_cli.models.hub import resolve
+from simba_cli.provenance import provenance
+from simba_cli.report.tables import write_atomic
+from simba_cli.simba.flops import analytic
+from simba_cli.simba.pruned import PruneConfig
+
+FILENAME = "simba.yaml"
+FORMAT_VERSION = 1
+
+
+def is_artifact(ref: str | Path) -> bool:
+    return (Path(ref).expanduser() / FILENAME).is_file()
+
+
+def describe_flops(cfg: MambaConfig, config: PruneConfig, seq_len: int) -> dict:
+    """The analytic FLOPs of one sequence of `seq_len` tokens, dense and pruned, logits at every position."""
+    dense = analytic(cfg, seq_len)
+    pruned = analytic(cfg, seq_len, config.keep_ratios(cfg.n_layer), config.criterion)
+    return {
+        "seq_len": seq_len,
+        "dense": dense.total,
+        "pruned": pruned.total,
+        "ratio": pruned.total / dense.total,
+        "per_layer": [{"layer": i, "tokens_in": t, "flops": f, "criterion_flops": c}
+                      for i, (t, f, c) in enumerate(zip(pruned.tokens_in, pruned.layer, pruned.criterion))],
+    }
+
+
+def _base_reference(ref: str) -> str:
+    """What to record as the base model: an absolute path for local directories, else the name."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.is_dir() else ref
+
+
+def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: MambaConfig, seq_len: int = 2048,
+                   overwrite: bool = False, **extra) -> Path:
+    """Write `simba.yaml` into `target` (created if needed); the file is written whole or not at all."""
+    target = Path(target)
+    path = target / FILENAME
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    target.mkdir(parents=True, exist_ok=True)
+    body = {
+        "simba_artifact": FORMAT_VERSION,
+        "base": base if base == "." else _base_reference(base),
+        "prune": config.to_dict(),
+        "model": cfg.to_dict(),
+        "keep_ratios": [round(r, 6) for r in config.keep_ratios(cfg.n_layer)],
+        "flops": describe_flops(cfg, config, seq_len),
+        "provenance": provenance(**extra),
+    }
+    write_atomic(path, yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def read_artifact(directory: str | Path) -> tuple[str, PruneConfig, dict]:
+    """(base reference, resolved against the artifact directory; the prune config; the whole file)."""
+    directory = Path(directory).expanduser()
+    path = directory / FILENAME
+    try:
+        body = yaml.safe_load(path.read_text())
+        if not isinstance(body, dict) or body.get("simba_artifact") != FORMAT_VERSION:
+            raise ValueError("not a simba artifact, version 1")
+        prune = dict(body["prune"])
+        unknown = set(prune) - {f.name for f in dataclasses.fields(PruneConfig)}
+        if unknown:
+            raise ValueError(f"unknown prune keys {sorted(unknown)}")
+        config = PruneConfig(**prune)
+        base = str(body["base"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a valid simba artifact ({e}); recreate it with `simba prune`") from e
+    if base == ".":
+        base = str(directory)
+    return base, config, body
+
+
+def prune_model(model: str, out: str | Path, config: PruneConfig, seq_len: int = 2048,
+                overwrite: bool = False) -> dict:
+    """`simba prune`: check that the model exists, then write the artifact. Returns what was written."""
+    if is_artifact(model):  # re-pruning an artifact prunes its base
+        model, _, _ = read_artifact(model)
+    directory = resolve(model)
+    cfg, _ = read_config(directory)
+    path = write_artifact(out, model, config, cfg, seq_len, overwrite=overwrite)
+    return yaml.safe_load(path.read_text())
+
+
+def load_any(ref: str, device="cpu", dtype=None, tokenizer: str | None = None):
+    """Load a model or a pruned artifact: (LoadedModel, PruneConfig or None)."""
+    import torch
+
+    from simba_cli.models.loading import load_model
+
+    config = None
+    if is_artifact(ref):
+        ref, config, _ = read_artifact(ref)
+    return load_model(ref, device=device, dtype=dtype or torch.float32, tokenizer=tokenizer), config
