@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from simba_cli.errors import UserError
+
+# lm-eval and datasets draw a tqdm bar per step; the commands show their own rich progress instead.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(
     name="simba",
@@ -155,6 +159,107 @@ def flops_match_cmd(
         typer.echo(f"final_keep = {m.final_keep:.6f}: {m.message()}" if m.reachable else m.message())
     if not m.reachable:
         raise typer.Exit(1)
+
+
+def _prune_overrides(schedule, final_keep, first_layer, stages, criterion) -> dict:
+    """Only what the user gave: a pruned artifact's own schedule stays unless overridden."""
+    given = dict(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
+                 criterion=criterion)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _ints(text: str | None, name: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name} takes comma-separated integers, e.g. 256,512,1024; got {text!r}") from None
+
+
+def _check_out(out: Path | None, overwrite: bool):
+    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace its results, or another --out")
+
+
+@command("eval")
+def eval_cmd(
+    model: Model,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: simba_cloze, simba_choice, simba_recall (offline) "
+                                            "or lm-eval tasks (piqa, hellaswag, ...; need the hub)")]
+    = "simba_cloze,simba_choice,simba_recall",
+    limit: Annotated[int | None, typer.Option(help="Documents per task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward")] = 16,
+    schedule: Annotated[str | None, typer.Option(help="Override the schedule (none = dense)")] = None,
+    final_keep: Annotated[float | None, typer.Option()] = None,
+    first_layer: Annotated[int | None, typer.Option()] = None,
+    stages: Annotated[int | None, typer.Option()] = None,
+    criterion: Annotated[str | None, typer.Option()] = None,
+    ppl_contexts: Annotated[str | None, typer.Option(help="Also long-context perplexity at these context "
+                                                          "lengths, e.g. 256,512,1024")] = None,
+    ppl_score_last: Annotated[int, typer.Option(help="Scored tokens at the end of each window")] = 64,
+    out: Annotated[Path | None, typer.Option(help="Write results.json / .csv / .md here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace results in an existing --out")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+):
+    """Evaluate a model (dense or pruned) on lm-eval tasks and long-context perplexity, with measured FLOPs."""
+    from simba_cli.eval.harness import evaluate_model, result_rows
+    from simba_cli.report.tables import print_table, write_atomic, write_tables
+
+    _check_out(out, overwrite)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    results = evaluate_model(model, task_list, limit, num_fewshot, batch_size, device,
+                             _prune_overrides(schedule, final_keep, first_layer, stages, criterion),
+                             _ints(ppl_contexts, "ppl-contexts"), ppl_score_last)
+    rows = result_rows(results)
+    if rows:
+        print_table(rows, title=f"{model}: {results['setting']}")
+    if results.get("perplexity"):
+        print_table(results["perplexity"], title="long-context perplexity")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        if rows:
+            write_tables(rows, out / "results", formats=("csv", "md"))
+        typer.echo(f"results in {out}")
+
+
+@command("compare")
+def compare_cmd(
+    recipe: Annotated[Path | None, typer.Option(help="YAML compare recipe (default: recipes/compare.yaml's "
+                                                     "settings, built in)")] = None,
+    models: Annotated[str | None, typer.Option(help="Override: comma-separated ladder, smallest first")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Override: comma-separated tasks")] = None,
+    limit: Annotated[int | None, typer.Option(help="Override: documents per task")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/compare"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted compare in --out")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+):
+    """The main job: dense vs Simba-pruned models at matched FLOPs; tables, FLOPs-accuracy and context plots."""
+    from simba_cli.eval.compare import CompareSpec, run_compare
+    from simba_cli.report.tables import print_table
+
+    spec = CompareSpec.from_yaml(recipe) if recipe else CompareSpec()
+    changes = {}
+    if models:
+        changes["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if tasks:
+        changes["tasks"] = [t.strip() for t in tasks.split(",") if t.strip()]
+    if limit is not None:
+        changes["limit"] = limit
+    if changes:
+        spec = CompareSpec(**{**spec.__dict__, **changes})
+    summary = run_compare(spec, out, overwrite=overwrite, resume=resume, progress=not quiet)
+    keep = ("model", "setting", "task", "metric", "flops_per_doc", "mean_keep", "dense_at_flops", "vs_dense")
+    rows = [{k: r.get(k) for k in keep} | {"value": r.get(r.get("metric"))} for r in summary["rows"]]
+    print_table(rows, title="dense vs Simba at measured FLOPs")
+    if summary["paired"]:
+        print_table([p for p in summary["paired"] if p["vs"] != "dense"], title="Simba minus baseline, paired")
+    if summary["perplexity"]:
+        print_table(summary["perplexity"], title="long-context perplexity")
+    typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")
 
 
 @command("finetune")

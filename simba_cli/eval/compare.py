@@ -1,0 +1,302 @@
+"""`simba compare`: dense Mamba against Simba-pruned Mamba at equal FLOPs, on the same tasks.
+
+For every model of a ladder: the dense model, and at each final_keep of a sweep the Simba criterion
+beside the baselines (`recent`, `random` by default: at tiny scale Simba mostly keeps recent tokens,
+so `recent` must always be shown); where `flops-match` can reach the next smaller model's FLOPs, that
+point too. Every number of FLOPs is measured from the evaluation itself. The difference to dense at
+equal FLOPs is read off the dense models' FLOPs-accuracy curve, interpolated in log FLOPs (None
+outside the curve: no extrapolation). Then long-context perplexity against context length.
+
+Each finished evaluation is saved under parts/ at once, so an interrupted compare resumes (--resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from simba_cli.errors import UserError
+from simba_cli.eval.tasks import TASKS
+from simba_cli.simba.pruned import DENSE, PruneConfig
+
+# The metric each task is read by (higher is better unless listed in LOWER_IS_BETTER).
+MAIN_METRIC = {"simba_cloze": "perplexity", "simba_choice": "acc_norm", "simba_recall": "acc",
+               "lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "arc_easy": "acc",
+               "arc_challenge": "acc_norm", "winogrande": "acc"}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+@dataclass
+class CompareSpec:
+    """A comparison: the YAML recipe (recipes/compare.yaml) is its single source of truth."""
+
+    models: list[str] = field(default_factory=lambda: ["zoo-s", "zoo-m", "zoo-l"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    limit: int | None = 100
+    schedule: str = "linear"
+    final_keeps: list[float] = field(default_factory=lambda: [0.3, 0.1])
+    criteria: list[str] = field(default_factory=lambda: ["simba", "recent", "random"])
+    match_flops: bool = True  # also prune each model to the next smaller model's FLOPs, where reachable
+    match_seq_len: int = 512
+    ppl_contexts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    ppl_score_last: int = 32
+    ppl_windows: int = 16
+    ppl_final_keep: float = 0.1
+    batch_size: int = 16
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        from simba_cli.simba.criteria import check_criterion
+
+        if not self.models:
+            raise UserError("compare needs at least one model")
+        if not self.tasks and not self.ppl_contexts:
+            raise UserError("compare needs tasks or perplexity contexts")
+        for c in self.criteria:
+            check_criterion(c)
+        for k in [*self.final_keeps, self.ppl_final_keep]:
+            PruneConfig(schedule=self.schedule, final_keep=k)  # validates
+        if self.limit is not None and self.limit < 2:
+            raise UserError("limit must be at least 2 (standard errors need two documents)")
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> CompareSpec:
+        try:
+            body = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read compare recipe {path} ({e})") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(body) - known
+        if unknown:
+            raise UserError(f"compare recipe {path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**body)
+
+
+def settings_for(spec: CompareSpec, model: str, smaller: str | None) -> list[tuple[str, PruneConfig]]:
+    """(label, config) for one model: dense, the sweep for every criterion, and the FLOPs-matched point."""
+    out = [("dense", DENSE)]
+    for k in spec.final_keeps:
+        for c in spec.criteria:
+            out.append((f"{c} {k:g}", PruneConfig(spec.schedule, k, criterion=c, seed=spec.seed)))
+    if spec.match_flops and smaller is not None:
+        from simba_cli.simba.flops_tables import match_final_keep
+
+        m = match_final_keep(model, smaller, spec.match_seq_len, PruneConfig(spec.schedule), head="last")
+        if m.reachable and m.final_keep < 1:
+            for c in spec.criteria:
+                out.append((f"{c} @{smaller}", PruneConfig(spec.schedule, round(m.final_keep, 6), criterion=c,
+                                                           seed=spec.seed)))
+    return out
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same documents, and its standard error."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def dense_curve(rows: list[dict], task: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = sorted((r["flops_per_doc"], r[metric]) for r in rows
+                 if r["task"] == task and r["setting"] == "dense" and r.get(metric) is not None)
+    return np.log([p[0] for p in pts]), np.array([p[1] for p in pts], float)
+
+
+def at_equal_flops(rows: list[dict]) -> None:
+    """Add `vs_dense` (metric minus the dense curve at the same FLOPs) and the curve value to each row."""
+    for task in {r["task"] for r in rows}:
+        metric = MAIN_METRIC.get(task, "acc")
+        x, y = dense_curve(rows, task, metric)
+        if metric in LOWER_IS_BETTER:
+            y = np.log(y)  # interpolate perplexity in log space
+        for r in rows:
+            if r["task"] != task:
+                continue
+            r["metric"] = metric
+            lx = math.log(r["flops_per_doc"])
+            inside = len(x) >= 2 and x[0] - 1e-9 <= lx <= x[-1] + 1e-9
+            if not inside or r.get(metric) is None:
+                r["dense_at_flops"] = r["vs_dense"] = None
+                continue
+            v = float(np.interp(lx, x, y))
+            v = math.exp(v) if metric in LOWER_IS_BETTER else v
+            r["dense_at_flops"] = v
+            r["vs_dense"] = r[metric] - v
+
+
+def _part_path(out: Path, *keys) -> Path:
+    name = "__".join(str(k).replace("/", "_").replace(" ", "_").replace("@", "at-") for k in keys)
+    return out / "parts" / f"{name}.json"
+
+
+def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: bool = False,
+                progress: bool = True) -> dict:
+    """Run the comparison into `out`; returns the summary (also written there)."""
+    import torch
+
+    from simba_cli.eval.harness import run_tasks, task_dict
+    from simba_cli.eval.lm import SimbaLM
+    from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+    from simba_cli.provenance import provenance
+    from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
+    from simba_cli.report.tables import write_atomic, write_tables
+    from simba_cli.simba.artifact import load_any
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it or --resume to continue")
+    if overwrite and out.exists() and not resume:
+        import shutil
+
+        shutil.rmtree(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    if resume and (out / "compare.yaml").is_file():
+        saved = CompareSpec.from_yaml(out / "compare.yaml")
+        if saved != spec:
+            raise UserError(f"--resume with settings that differ from {out}/compare.yaml; resume with those")
+    write_atomic(out / "compare.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    torch.manual_seed(spec.seed)
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    plan = []
+    for i, name in enumerate(spec.models):
+        smaller = spec.models[i - 1] if i > 0 else None
+        plan.append((name, settings_for(spec, name, smaller)))
+    tasks = task_dict(spec.tasks) if spec.tasks else None
+    n_jobs = sum(len(s) for _, s in plan) * len(spec.tasks) + len(spec.models) * 3 * bool(spec.ppl_contexts)
+    started = time.time()
+    rows, ppl_rows, samples = [], [], {}
+    with _Progress(progress, n_jobs) as bar:
+        for name, settings in plan:
+            loaded, _ = load_any(name, device=device)
+            lm = SimbaLM(model=loaded, batch_size=spec.batch_size, device=device)
+            for label, config in settings:
+                for task in spec.tasks:
+                    path = _part_path(out, name, label, task)
+                    if path.is_file():
+                        part = json.loads(path.read_text())
+                    else:
+                        bar.describe(f"{name} {label} {task}")
+                        lm.config = config
+                        one = {"tasks": {task: tasks["tasks"][task]}, "groups": {}, "group_map": {}}
+                        r = run_tasks(lm, one, limit=spec.limit, log_samples=True)
+                        part = _part(name, label, config, task, r)
+                        write_atomic(path, json.dumps(part) + "\n")
+                    rows.append(part["row"])
+                    samples[(name, label, task)] = part["per_doc"]
+                    bar.advance()
+            if spec.ppl_contexts:
+                stream = token_stream(loaded.tokenizer)
+                for label, config in [("dense", DENSE)] + [
+                        (f"{c} {spec.ppl_final_keep:g}", PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c,
+                                                                    seed=spec.seed))
+                        for c in ("simba", "recent")]:
+                    path = _part_path(out, name, label, "ppl")
+                    if path.is_file():
+                        part_rows = json.loads(path.read_text())
+                    else:
+                        bar.describe(f"{name} {label} perplexity")
+                        part_rows = [{"model": name, "setting": label, **r} for r in long_context_perplexity(
+                            loaded.model, stream, config, spec.ppl_contexts, spec.ppl_score_last, spec.ppl_windows,
+                            spec.batch_size, device)]
+                        write_atomic(path, json.dumps(part_rows) + "\n")
+                    ppl_rows += part_rows
+                    bar.advance()
+            del lm, loaded
+
+    at_equal_flops(rows)
+    pairs = paired_rows(rows, samples)
+    write_tables(rows, out / "compare")
+    if ppl_rows:
+        write_tables(ppl_rows, out / "perplexity")
+    if pairs:
+        write_tables(pairs, out / "paired")
+    figures = {}
+    if rows:
+        plot_flops_accuracy(rows, out / "flops_accuracy.png")
+        figures["flops_accuracy"] = "flops_accuracy.png"
+    if ppl_rows:
+        plot_ppl_context(ppl_rows, out / "ppl_context.png")
+        figures["ppl_context"] = "ppl_context.png"
+    summary = {"spec": dataclasses.asdict(spec), "rows": rows, "perplexity": ppl_rows, "paired": pairs,
+               "figures": figures, "elapsed_s": time.time() - started,
+               "provenance": provenance(seed=spec.seed, device=str(device))}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _part(model: str, label: str, config: PruneConfig, task: str, r: dict) -> dict:
+    metrics = r["metrics"].get(task, {})
+    measured = r["measured"]
+    n_docs = r["n_samples"][task]["effective"] if r.get("n_samples") else None
+    metric = MAIN_METRIC.get(task, "acc")
+    # Per document: the metric (acc, acc_norm) or, for perplexity, the log-likelihood lm-eval keeps under it.
+    per_doc = [_scalar(s.get(metric)) for s in (r.get("samples") or {}).get(task, [])]
+    row = {"model": model, "setting": label, "criterion": config.criterion if config.schedule != "none" else "-",
+           "final_keep": config.final_keep if config.schedule != "none" else 1.0, "task": task,
+           "docs": n_docs, **metrics,
+           "flops_per_doc": measured["flops"] / max(1, n_docs or 1),
+           "mean_keep": measured.get("mean_keep"), "keep_ratios": measured.get("keep_ratios")}
+    return {"row": row, "per_doc": per_doc}
+
+
+def _scalar(v) -> float:
+    if isinstance(v, (list, tuple)):
+        v = v[0]
+    return float("nan") if v is None else float(v)
+
+
+def paired_rows(rows: list[dict], samples: dict) -> list[dict]:
+    """Simba minus each baseline at the same model, keep and task, per document, with standard errors."""
+    out = []
+    for r in rows:
+        if r["criterion"] != "simba":
+            continue
+        mine = samples.get((r["model"], r["setting"], r["task"]))
+        for other in ("recent", "random", "dense"):
+            label = "dense" if other == "dense" else r["setting"].replace("simba", other, 1)
+            theirs = samples.get((r["model"], label, r["task"]))
+            if not mine or not theirs or len(mine) != len(theirs):
+                continue
+            mean, se = paired(mine, theirs)
+            out.append({"model": r["model"], "setting": r["setting"], "task": r["task"],
+                        "per_doc": "loglik" if r.get("metric") in LOWER_IS_BETTER else r.get("metric"),
+                        "vs": other, "diff": mean, "stderr": se, "docs": len(mine)})
+    return out
+
+
+class _Progress:
+    """A rich progress bar over evaluations, with rate and ETA (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TimeRemainingColumn())
+            self.p.__enter__()
+            self.task = self.p.add_task("compare", total=self.total)
+        return self
+
+    def describe(self, text: str):
+        if self.enabled:
+            self.p.update(self.task, description=text.ljust(36)[:36])
+
+    def advance(self):
+        if self.enabled:
+            self.p.advance(self.task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)

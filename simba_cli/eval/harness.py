@@ -1,0 +1,137 @@
+"""Running lm-eval tasks through the `simba` model: the offline tasks by default, lm-eval's own by name.
+
+Results keep lm-eval's metric names (acc, acc_norm, perplexity, ...) with their standard errors, and
+add what really ran: FLOPs per request and the tokens entering each layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from simba_cli.errors import UserError
+from simba_cli.eval.tasks import TASKS, build_tasks
+
+
+def task_dict(tasks: list[str], source: str = "shakespeare"):
+    """lm-eval task objects for names: the offline tasks (built on first use) and lm-eval's built-ins."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    offline = [t for t in tasks if t in TASKS]
+    others = [t for t in tasks if t not in TASKS]
+    managers = []
+    if offline:
+        managers.append((TaskManager(include_path=str(build_tasks(source)), include_defaults=False), offline))
+    if others:
+        tm = TaskManager()
+        unknown = [t for t in others if t not in tm.all_tasks]
+        if unknown:
+            raise UserError(f"unknown task(s) {', '.join(unknown)}; offline tasks: {', '.join(TASKS)}; or any "
+                            f"lm-eval task (e.g. piqa, hellaswag, lambada_openai, arc_easy; list them with "
+                            f"`python -m simba_cli.lm_eval ls tasks`)")
+        managers.append((tm, others))
+    loaded = {"tasks": {}, "groups": {}, "group_map": {}}
+    for tm, names in managers:
+        try:
+            part = tm.load(names)
+            for key in loaded:
+                loaded[key].update(part[key])
+        except Exception as e:  # datasets' hub errors when offline are many different classes
+            if others:
+                raise UserError(f"cannot load lm-eval task(s) {', '.join(names)} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120]}); they need the Hugging Face hub or its local "
+                                f"cache; the offline tasks are {', '.join(TASKS)}") from e
+            raise
+    return loaded
+
+
+def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value, metric_stderr: value}} from lm-eval's results (the ',none' filter dropped)."""
+    out = {}
+    for task, values in results["results"].items():
+        row = {}
+        for key, value in values.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            name, _filter = key.split(",", 1)
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            row[name] = value
+        out[task] = row
+    return out
+
+
+def run_tasks(lm, tasks, limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False,
+              bootstrap_iters: int = 1000) -> dict:
+    """Evaluate `lm` (a SimbaLM) on `tasks` (a list of names, or task objects from `task_dict`)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; callers show their own progress
+    from lm_eval.evaluator import evaluate
+
+    loaded = task_dict(tasks) if isinstance(tasks, list) else tasks
+    if num_fewshot is not None:
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=num_fewshot)
+    before = lm.measured()
+    results = evaluate(lm, loaded, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+                       verbosity="WARNING")
+    if results is None:  # a non-zero rank in data-parallel runs
+        return {}
+    after = lm.measured()
+    return {"metrics": flat_metrics(results), "measured": _delta(before, after),
+            "samples": results.get("samples") if log_samples else None, "n_samples": results.get("n-samples")}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """The measured FLOPs of one evaluation (the model may have run others before)."""
+    if before.get("forwards", 0) == 0:
+        return after
+    flops = after["flops"] - before["flops"]
+    tokens = [a - b for a, b in zip(after["tokens_per_layer"], before["tokens_per_layer"])]
+    inputs = after["input_tokens"] - before["input_tokens"]
+    keep = [t / max(1, inputs) for t in tokens]
+    return {"forwards": after["forwards"] - before["forwards"], "flops": flops,
+            "flops_per_input_token": flops / max(1, inputs), "input_tokens": inputs,
+            "head_positions": after["head_positions"] - before["head_positions"],
+            "keep_ratios": [round(k, 5) for k in keep], "tokens_per_layer": tokens, "mean_keep": sum(keep) / len(keep)}
+
+
+def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
+                   batch_size: int = 16, device: str | None = None, prune: dict | None = None,
+                   ppl_contexts: list[int] | None = None, ppl_score_last: int = 64, ppl_windows: int = 16) -> dict:
+    """`simba eval`: lm-eval tasks (each with its own measured FLOPs) and long-context perplexity."""
+    from simba_cli.eval.lm import SimbaLM
+    from simba_cli.provenance import provenance
+
+    lm = SimbaLM(pretrained=model, batch_size=batch_size, device=device, **(prune or {}))
+    loaded = task_dict(tasks) if tasks else {"tasks": {}}
+    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.short(), "tasks": {}}
+    for name, task in loaded["tasks"].items():
+        one = {"tasks": {name: task}, "groups": {}, "group_map": {}}
+        r = run_tasks(lm, one, limit=limit, num_fewshot=num_fewshot)
+        if not r:
+            continue
+        docs = r["n_samples"][name]["effective"] if r.get("n_samples") else None
+        results["tasks"][name] = {"metrics": r["metrics"].get(name, {}), "docs": docs,
+                                  "flops_per_doc": r["measured"].get("flops", 0) / max(1, docs or 1),
+                                  "measured": r["measured"]}
+    if ppl_contexts:
+        from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+
+        results["perplexity"] = long_context_perplexity(lm.model, token_stream(lm.tokenizer), lm.config,
+                                                        ppl_contexts, ppl_score_last, ppl_windows, batch_size,
+                                                        lm.device)
+    results["measured"] = lm.measured()
+    results["provenance"] = provenance(seed=lm.config.seed, device=str(lm.device))
+    return results
+
+
+def result_rows(results: dict) -> list[dict]:
+    """One table row per task: the metrics with their standard errors, FLOPs per document, keep."""
+    rows = []
+    for task, r in results["tasks"].items():
+        rows.append({"task": task, "setting": results["setting"], "docs": r["docs"], **r["metrics"],
+                     "flops_per_doc": r["flops_per_doc"], "mean_keep": r["measured"].get("mean_keep")})
+    return rows

@@ -1,0 +1,60 @@
+"""Long-context perplexity in the PG-19 protocol (DESIGN 1, claim 2).
+
+For each context length L, windows of L tokens end at the same positions of a held-out token stream;
+the last K tokens of every window are scored (protected: never pruned, full-depth logits) and the
+L - K tokens before them are the context, pruned by the schedule. Where the protected tokens outnumber
+a layer's budget they win; the measured keep ratios say so. The same tokens are scored at every
+L, so the curves differ only by how much context the model could use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from simba_cli.errors import UserError
+from simba_cli.simba.pruned import PruneConfig, pruned_forward
+
+
+def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluation") -> torch.Tensor:
+    from simba_cli.train.corpus import load_texts
+    from simba_cli.train.data import tokenize_documents
+
+    return tokenize_documents(tokenizer, load_texts(source, split))
+
+
+@torch.no_grad()
+def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
+                            score_last: int = 64, windows: int = 32, batch_size: int = 8,
+                            device="cpu") -> list[dict]:
+    """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios."""
+    contexts = sorted(int(c) for c in contexts)
+    if contexts[0] <= score_last:
+        raise UserError(f"every context length must exceed --score-last {score_last}; got {contexts[0]}")
+    longest = contexts[-1]
+    if stream.numel() < longest + windows + 1:
+        raise UserError(f"the held-out text has {stream.numel()} tokens, too few for {windows} windows of "
+                        f"{longest}; use shorter contexts or more text")
+    ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
+    config = PruneConfig(**{**config.to_dict(), "mode": "protect"})
+    rows = []
+    for L in contexts:
+        nll, count, flops = 0.0, 0, None
+        for s in range(0, len(ends), batch_size):
+            batch = ends[s:s + batch_size]
+            ids = torch.stack([stream[e - L:e] for e in batch]).to(device)
+            targets = torch.stack([stream[e - score_last + 1:e + 1] for e in batch]).to(device)
+            protected = torch.zeros_like(ids, dtype=torch.bool)
+            protected[:, -score_last:] = True
+            out = pruned_forward(model, ids, config, protected=protected)
+            flops = out.flops if flops is None else flops + out.flops
+            # In protect mode the logits rows are the protected positions, in order.
+            logp = F.log_softmax(out.logits[:, -score_last:].float(), dim=-1)
+            nll -= float(logp.gather(2, targets[..., None]).sum())
+            count += targets.numel()
+        rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
+                     "flops": flops.total, "flops_per_window": flops.total / len(ends),
+                     "mean_keep": sum(flops.keep_ratios) / len(flops.keep_ratios)})
+    return rows
