@@ -110,7 +110,7 @@ def prune_model(model: str, out: str | Path, config: PruneConfig, seq_len: int =
     return yaml.safe_load(path.read_text())
 
 
-def load_any(ref: str, device="cpu", dtype=None, tokenizer: str | None = None):
+def load_any(ref: str, device="cpu", dtype=None, tokenizer: str | None = None, with_tokenizer: bool = True):
     """Load a model or a pruned artifact: (LoadedModel, PruneConfig or None)."""
     import torch
 
@@ -119,4 +119,5 @@ def load_any(ref: str, device="cpu", dtype=None, tokenizer: str | None = None):
     config = None
     if is_artifact(ref):
         ref, config, _ = read_artifact(ref)
-    return load_model(ref, device=device, dtype=dtype or torch.float32, tokenizer=tokenizer), config
+    return load_model(ref, device=device, dtype=dtype or torch.float32, tokenizer=tokenizer,
+                      with_tokenizer=with_tokenizer), config

@@ -1,0 +1,103 @@
+"""The commands: prune artifacts, FLOPs tables and matching, one-line errors with exit code 2."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from simba_cli.cli import app
+from simba_cli.models.checkpoint import save_checkpoint
+from simba_cli.simba.flops import analytic
+from simba_cli.simba.flops_tables import match_final_keep, model_config
+from simba_cli.simba.pruned import PruneConfig
+from tests.conftest import random_model, tiny_config
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return save_checkpoint(random_model(tiny_config(n_layer=4)), tmp_path / "m", fmt="mamba_ssm")
+
+
+def one_line_error(r, *words):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for w in words:
+        assert w in lines[0]
+
+
+def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    r = run("prune", model_dir, "--final-keep", "0.25", "--criterion", "simba-abs", "--out", out, "--seq-len", 64)
+    assert r.exit_code == 0, r.output
+    body = yaml.safe_load((out / "simba.yaml").read_text())
+    assert body["base"] == str(model_dir.resolve())
+    assert body["prune"]["final_keep"] == 0.25 and body["prune"]["criterion"] == "simba-abs"
+    assert body["keep_ratios"][0] == 1 and body["keep_ratios"][-1] == 0.25 and len(body["keep_ratios"]) == 4
+    want = analytic(model_config(str(model_dir))[0], 64, PruneConfig(final_keep=0.25).keep_ratios(4), "simba-abs")
+    assert body["flops"]["pruned"] == want.total
+    assert body["provenance"]["versions"]["torch"]
+    from simba_cli.simba.artifact import load_any
+
+    loaded, config = load_any(str(out), with_tokenizer=False)
+    assert config.final_keep == 0.25 and loaded.model.cfg.n_layer == 4
+    # never overwritten without being asked
+    one_line_error(run("prune", model_dir, "--out", out), "--overwrite")
+    assert run("prune", model_dir, "--out", out, "--overwrite", "--final-keep", 0.5).exit_code == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--final-keep", "0"], ["final_keep", "(0, 1]"]),
+    (["--final-keep", "1.5"], ["final_keep"]),
+    (["--schedule", "zigzag"], ["zigzag", "linear"]),
+    (["--criterion", "oracle"], ["oracle", "simba"]),
+    (["--first-layer", "0"], ["first_layer"]),
+])
+def test_prune_rejects_bad_settings(model_dir, tmp_path, args, words):
+    one_line_error(run("prune", model_dir, "--out", tmp_path / "x", *args), *words)
+    assert not (tmp_path / "x" / "simba.yaml").exists()
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    one_line_error(run("prune", tmp_path / "nope", "--out", tmp_path / "x"), "nope")
+    one_line_error(run("flops-report", "not-a-model"), "not-a-model")
+
+
+def test_flops_report_official_sizes_as_json():
+    r = run("flops-report", "mamba-130m", "state-spaces/mamba-2.8b", "--seq-len", 2048, "--format", "json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    dense130 = next(x for x in rows if x["model"] == "mamba-130m" and x["setting"] == "dense")
+    # by hand (tests/test_simba.py): 24 layers x 7,707,648 + LM head 77,233,152 FLOPs per token
+    assert dense130["FLOPs/token"] == 24 * 7_707_648 + 77_233_152
+    pruned = next(x for x in rows if x["model"] == "state-spaces/mamba-2.8b" and x["setting"] != "dense")
+    assert 0.5 < pruned["vs_dense"] < 0.6 and abs(pruned["mean_keep"] - 0.55) < 0.01
+
+
+def test_flops_report_per_layer_and_files(tmp_path):
+    r = run("flops-report", "mamba-130m", "--per-layer", "--format", "csv", "--seq-len", 100, "--out", tmp_path)
+    assert r.exit_code == 0
+    layers = json.loads((tmp_path / "layers.json").read_text())
+    assert [x["tokens_in"] for x in layers][:2] == [100, 97] and layers[-1]["tokens_in"] == 10
+    assert (tmp_path / "flops.md").is_file() and (tmp_path / "flops.csv").is_file()
+
+
+def test_flops_match_finds_the_largest_final_keep_within_the_target():
+    m = match_final_keep("mamba-370m", "mamba-130m", 2048, PruneConfig(schedule="constant"), head="last")
+    assert m.reachable and 0 < m.final_keep < 1
+    at = lambda k: analytic(model_config("mamba-370m")[0], 2048,
+                            PruneConfig(schedule="constant", final_keep=k).keep_ratios(48), head_positions=1).total
+    assert at(m.final_keep) <= m.target_flops < at(m.final_keep + 2e-3)
+    r = run("flops-match", "mamba-370m", "--target", "mamba-130m", "--head", "last", "--schedule", "constant")
+    assert r.exit_code == 0 and "final_keep = " in r.output
+
+
+def test_flops_match_says_when_no_value_can():
+    r = run("flops-match", "mamba-370m", "--target", "mamba-130m", "--seq-len", 2048)
+    assert r.exit_code == 1
+    assert "no final_keep can match" in r.output and "1.65x" in r.output

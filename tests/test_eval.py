@@ -1,0 +1,136 @@
+"""The lm-eval model `simba` against lm-eval's own `hf` model, protected continuations, the eval command."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from simba_cli.cli import app
+from simba_cli.models.checkpoint import save_checkpoint
+from simba_cli.train.bpe import train_bpe
+from tests.conftest import random_model, tiny_config
+
+TEXT = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 3,
+        "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 3]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Mamba in Hugging Face format with its own local tokenizer."""
+    tok = train_bpe(TEXT, 300)
+    model = random_model(tiny_config(vocab_size=304, n_layer=4), seed=3)
+    return save_checkpoint(model, tmp_path_factory.mktemp("m") / "hf", fmt="hf", tokenizer=tok)
+
+
+def requests(n=6):
+    from lm_eval.api.instance import Instance
+
+    pairs = [("To be, or not", " to be"), ("Now is the winter", " of our discontent"),
+             ("Whether 'tis nobler in the mind", " to suffer"), ("Made glorious", " summer by this sun"),
+             ("that is the", " question"), ("of York", ";")]
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs[:n])]
+
+
+def test_schedule_none_equals_lm_evals_hf_model(hf_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from simba_cli.eval.lm import SimbaLM
+
+    ours = SimbaLM(pretrained=str(hf_dir), batch_size=3, device="cpu").loglikelihood(requests())
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=3, device="cpu").loglikelihood(requests())
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+        assert ga == gb
+
+
+@torch.no_grad()
+def test_protected_continuations_get_dense_logits_without_pruning(hf_dir):
+    """Schedule none, protect mode: the continuation's logits equal the dense forward's."""
+    from simba_cli.eval.lm import SimbaLM
+
+    lm = SimbaLM(pretrained=str(hf_dir), batch_size=8, device="cpu")
+    reqs = requests()
+    got = lm.loglikelihood(reqs)
+    for (ctx, cont), (ll, _) in zip((r.args for r in reqs), got):
+        c, t = lm._encode_pair(ctx, cont)
+        ids = torch.tensor([c + t])
+        logp = torch.log_softmax(lm.model(ids[:, :-1])[0, -len(t):], -1)
+        assert ll == pytest.approx(float(logp.gather(1, torch.tensor(t)[:, None]).sum()), abs=1e-4)
+
+
+def test_pruned_scoring_protects_the_continuation_and_counts_flops(hf_dir):
+    from simba_cli.eval.lm import SimbaLM
+
+    lm = SimbaLM(pretrained=str(hf_dir), batch_size=4, device="cpu", schedule="linear", final_keep=0.2,
+                 criterion="simba")
+    results = lm.loglikelihood(requests())
+    assert all(ll < 0 for ll, _ in results)
+    m = lm.measured()
+    assert m["keep_ratios"][0] == 1 and m["keep_ratios"][-1] < 0.8  # it pruned, and says how much
+    assert m["flops"] > 0 and m["forwards"] == 2
+
+
+def test_rolling_loglikelihood_schedule_none_equals_lm_evals_hf_model(hf_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from simba_cli.eval.lm import SimbaLM
+
+    reqs = [Instance("loglikelihood_rolling", {}, (t[:150],), i) for i, t in enumerate(TEXT)]
+    ours = SimbaLM(pretrained=str(hf_dir), batch_size=2, device="cpu", max_length=16).loglikelihood_rolling(reqs)
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=2, device="cpu", max_length=16).loglikelihood_rolling(reqs)
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-3)
+
+
+def test_generate_until_equals_lm_evals_hf_model_and_runs_pruned(hf_dir):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from simba_cli.eval.lm import SimbaLM
+
+    reqs = [Instance("generate_until", {}, (TEXT[0][:80], {"max_gen_toks": 6, "until": ["zzz"], "do_sample": False}), 0)]
+    ours = SimbaLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
+    theirs = HFLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
+    assert ours == theirs
+    pruned = SimbaLM(pretrained=str(hf_dir), device="cpu", schedule="linear", final_keep=0.3).generate_until(reqs)
+    assert isinstance(pruned[0], str)
+
+
+def test_offline_lm_eval_run_and_results_schema(hf_dir, tmp_path):
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "simba_choice,simba_cloze", "--limit", "3",
+                                 "--schedule", "linear", "--final-keep", "0.5", "--ppl-contexts", "48,64",
+                                 "--ppl-score-last", "16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"model", "prune", "setting", "tasks", "perplexity", "measured", "provenance"}
+    assert res["prune"]["final_keep"] == 0.5
+    choice = res["tasks"]["simba_choice"]
+    assert set(choice["metrics"]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert choice["docs"] == 3 and choice["flops_per_doc"] > 0
+    assert len(choice["measured"]["keep_ratios"]) == 4 and choice["measured"]["keep_ratios"][0] == 1
+    assert {"perplexity", "acc"} <= set(res["tasks"]["simba_cloze"]["metrics"])
+    assert [p["context"] for p in res["perplexity"]] == [48, 64]
+    assert res["provenance"]["versions"]["torch"]
+    # an existing output directory is not overwritten without --overwrite
+    again = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "simba_choice", "--limit", "2", "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_unknown_task_lists_the_known_ones(hf_dir):
+    r = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "no_such_task_xyz", "--limit", "2"])
+    assert r.exit_code == 2
+    assert "no_such_task_xyz" in r.output and "simba_cloze" in r.output and "Traceback" not in r.output
+
+
+def test_lm_eval_python_api_finds_the_registered_model(hf_dir):
+    import lm_eval
+
+    import simba_cli.eval.lm  # noqa: F401
+    from simba_cli.eval.tasks import build_tasks
+
+    tm = lm_eval.tasks.TaskManager(include_path=str(build_tasks()), include_defaults=False)
+    res = lm_eval.simple_evaluate(model="simba", model_args=f"pretrained={hf_dir},schedule=linear,final_keep=0.5",
+                                  tasks=["simba_recall"], limit=2, task_manager=tm, device="cpu")
+    assert "acc,none" in res["results"]["simba_recall"]
