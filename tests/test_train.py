@@ -1,0 +1,152 @@
+"""Training: loss falls, exact resume, data parallel = one process, recipe errors, the zoo's perplexities."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from simba_cli.cli import app
+from simba_cli.models.checkpoint import load_checkpoint
+from simba_cli.train import loop
+from simba_cli.train.recipe import recipe_from_dict
+
+WORDS = ("king queen lord crown sword night day love death blood heaven earth sea fire grief joy honour "
+         "shame father mother son brother sister friend foe").split()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Synthetic verse-like text (a fixed pseudo-random word sequence)."""
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (8,), generator=g).tolist()) for _ in range(600)]
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tiny_recipe(data, **train):
+    return recipe_from_dict({
+        "name": "tiny", "model": {"d_model": 16, "n_layer": 2, "d_state": 4},
+        "tokenizer": {"vocab_size": 300}, "data": {"source": str(data), "seq_len": 32, "val_tokens": 512},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+        "train": {"steps": 20, "batch_size": 4, "eval_every": 1000, "checkpoint_every": 10, "log_every": 1, **train},
+    })
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_loss_falls(data_file, tmp_path):
+    loop.finetune(tiny_recipe(data_file, steps=30), tmp_path / "run", progress=False)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-5:]) / 5 < 0.8 * sum(ls[:3]) / 3
+
+
+def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp_path, monkeypatch):
+    loop.finetune(tiny_recipe(data_file), tmp_path / "whole", progress=False)
+
+    real_lr_at = loop.lr_at
+
+    def interrupt_after_10(step, recipe):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real_lr_at(step, recipe)
+
+    monkeypatch.setattr(loop, "lr_at", interrupt_after_10)
+    with pytest.raises(KeyboardInterrupt):
+        loop.finetune(tiny_recipe(data_file), tmp_path / "split", progress=False)
+    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 10  # the last complete checkpoint survived the interruption
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+    loop.finetune(tiny_recipe(data_file), tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "whole" / "model").state_dict()
+    b = load_checkpoint(tmp_path / "split" / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert losses(tmp_path / "split")[-10:] == pytest.approx(losses(tmp_path / "whole")[-10:], rel=1e-5)
+
+
+def test_two_gloo_processes_equal_one(data_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(data_file, steps=6).to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
+                          "--out", str(tmp_path / "one"), "--quiet"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
+                          "--out", str(tmp_path / "two"), "--quiet"], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "one" / "model").state_dict()
+    b = load_checkpoint(tmp_path / "two" / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
+    from simba_cli.simba.artifact import load_any
+
+    base = tmp_path / "base"
+    loop.finetune(tiny_recipe(data_file, steps=3), base, progress=False)
+    r = CliRunner().invoke(app, ["prune", str(base / "model"), "--final-keep", "0.5", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    cont = tiny_recipe(data_file, steps=3)
+    cont.model = None
+    metrics = loop.finetune(cont, tmp_path / "ft", init_from=str(tmp_path / "p"), progress=False)
+    assert metrics["pruned"] and math.isfinite(metrics["val_ppl"])
+    loaded, config = load_any(str(tmp_path / "ft" / "model"))
+    assert config is not None and config.final_keep == 0.5  # the fine-tuned model remembers its pruning
+    assert yaml.safe_load((tmp_path / "ft" / "model" / "simba.yaml").read_text())["base"] == "."
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"train": {"stepz": 3}}, ["unknown key", "stepz"]),
+    ({"optim": {"lr": -1}}, ["optim.lr"]),
+    ({"data": {"seq_len": "long"}}, ["data.seq_len"]),
+    ({"prune": {"final_keep": 2}}, ["final_keep"]),
+])
+def test_bad_recipes_are_one_line_errors(data_file, tmp_path, change, words):
+    raw = yaml.safe_load(tiny_recipe(data_file).to_yaml())
+    for section, values in change.items():
+        raw[section] = {**(raw.get(section) or {}), **values}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    for w in words:
+        assert w in r.output
+
+
+def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(data_file).to_yaml())
+    (tmp_path / "empty").mkdir()
+    for data, words in [(tmp_path / "nope.txt", ["does not exist"]), (tmp_path / "empty", ["no text"])]:
+        r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--data", str(data),
+                                     "--out", str(tmp_path / "o"), "--overwrite"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert all(w in r.output for w in words)
+
+
+@pytest.mark.parametrize("name", ["zoo-s", "zoo-m", "zoo-l"])
+def test_zoo_model_reproduces_its_recorded_perplexity(name):
+    """Loaded by name, each zoo model scores the held-out windows it was measured on, to the recorded value."""
+    from simba_cli.models import zoo
+    from simba_cli.models.loading import load_model
+    from simba_cli.train.corpus import load_texts
+    from simba_cli.train.data import eval_windows, tokenize_documents
+
+    assert name in zoo.names(), f"{name} is missing from the zoo; train it with `make zoo`"
+    metrics = zoo.info(name)
+    loaded = load_model(name)
+    stream = tokenize_documents(loaded.tokenizer, load_texts("shakespeare", "validation"))
+    windows = eval_windows(stream, metrics["val_seq_len"], metrics["val_tokens"])
+    recipe = tiny_recipe("unused")
+    recipe.prune = None
+    val = loop.evaluate_loss(loaded.model, windows, loop.LossFn(recipe), 8, "cpu")
+    assert math.exp(val) == pytest.approx(metrics["val_ppl"], rel=1e-3)
