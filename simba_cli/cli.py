@@ -264,8 +264,9 @@ def compare_cmd(
 
 @command("finetune")
 def finetune_cmd(
-    model: Annotated[str | None, typer.Argument(help="Model to continue (a pruned artifact trains with pruning "
-                                                     "active); leave out to train the recipe's model from scratch")] = None,
+    model: Annotated[str | None, typer.Argument(
+        help="Model to continue (a pruned artifact trains with pruning active); leave out to train the recipe's "
+             "model from scratch")] = None,
     recipe: Annotated[Path, typer.Option(help="YAML training recipe (see recipes/)")] = Path("recipes/zoo-m.yaml"),
     out: Annotated[Path, typer.Option(help="Run directory")] = Path("runs/finetune"),
     data: Annotated[str | None, typer.Option(help="Override data.source: shakespeare, a file, a directory, "

@@ -89,7 +89,8 @@ def test_generate_until_equals_lm_evals_hf_model_and_runs_pruned(hf_dir):
 
     from simba_cli.eval.lm import SimbaLM
 
-    reqs = [Instance("generate_until", {}, (TEXT[0][:80], {"max_gen_toks": 6, "until": ["zzz"], "do_sample": False}), 0)]
+    kwargs = {"max_gen_toks": 6, "until": ["zzz"], "do_sample": False}
+    reqs = [Instance("generate_until", {}, (TEXT[0][:80], kwargs), 0)]
     ours = SimbaLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
     theirs = HFLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
     assert ours == theirs

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from simba_kernels.scan import selective_scan_bwd, selective_scan_fwd, selective_scan_fwd_reference
 from simba_kernels.simba_score import simba_score, simba_score_reference
 

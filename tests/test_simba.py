@@ -32,7 +32,7 @@ def test_criterion_equals_brute_force():
     contrib = simba_contributions(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)
     for b, n in enumerate(lengths.tolist()):
         T = n - 1
-        args = lambda u: (u, dt[b:b + 1, :n], scan.A, scan.B[b:b + 1, :n], scan.C[b:b + 1, :n])
+        args = lambda u, b=b, n=n: (u, dt[b:b + 1, :n], scan.A, scan.B[b:b + 1, :n], scan.C[b:b + 1, :n])
         full = selective_scan_ref(*args(scan.u[b:b + 1, :n]))[0, T]
         for t in range(T):  # at t = T the skip term D u_T would differ; T is never pruned anyway
             u = scan.u[b:b + 1, :n].clone()
@@ -61,7 +61,6 @@ def test_cpu_score_kernel_matches_reference(variant):
 def test_triton_score_kernel_matches_the_criterion(variant):
     """The fused kernel (interpreted on CPU) on a real layer's scan quantities, against the criterion."""
     import torch.nn.functional as F
-
     from simba_kernels.simba_score import simba_score as triton_score
 
     scan, lengths = layer_scan(lengths=(40, 23), seed=2)

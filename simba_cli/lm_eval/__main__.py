@@ -12,8 +12,9 @@ def main():
 
         print(build_tasks())
         return
-    import simba_cli.eval.lm  # noqa: F401  (registers the model "simba")
     from lm_eval.__main__ import cli_evaluate
+
+    import simba_cli.eval.lm  # noqa: F401  (registers the model "simba")
 
     cli_evaluate()
 

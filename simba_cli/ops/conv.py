@@ -6,7 +6,8 @@
     out[b, t, d] = sum_i weight[d, i] * x[b, t - k + 1 + i, d] + bias[d]    (x before 0 counts as 0)
 
 On CPU a compiled numba kernel (`conv_cpu`) in float32/16; on CUDA the `causal-conv1d` package when
-installed (part of the GPU extra); elsewhere PyTorch's grouped conv1d. Right padding never reaches real tokens, since the filter only looks back.
+installed (part of the GPU extra); elsewhere PyTorch's grouped conv1d. Right padding never reaches
+real tokens, since the filter only looks back.
 """
 
 from __future__ import annotations
