@@ -45,6 +45,10 @@ zoo: $(STAMP)
 	  rm -rf simba_cli/zoo/$$m && cp -r $$run/model simba_cli/zoo/$$m && cp $$run/run.json simba_cli/zoo/$$m/; \
 	done
 
+# The paper's fine-tuning experiment in miniature (zoo-m with Simba pruning active vs a dense control).
+finetune-experiment: $(STAMP)
+	$(BIN)/python -m simba_cli.train.experiment --out runs/finetune-experiment
+
 bench-core: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 
