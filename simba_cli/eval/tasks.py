@@ -25,7 +25,7 @@ from pathlib import Path
 
 from simba_cli.errors import UserError
 
-VERSION = 1
+VERSION = 2  # bump whenever the examples change
 TASKS = ("simba_cloze", "simba_choice", "simba_recall")
 _SPEAKER = re.compile(r"^[A-Z][A-Z .,'’-]+:$")
 _WORD = re.compile(r"[A-Za-z][a-z]+")
@@ -52,7 +52,7 @@ def _passage_before(lines: list[str], end: int, chars: int) -> int:
     return start
 
 
-def cloze_examples(plays: list[str], n: int, rng: random.Random, chars: int = 1200) -> list[dict]:
+def cloze_examples(plays: list[str], n: int, rng: random.Random, chars: int = 800) -> list[dict]:
     out = []
     candidates = [(p, i) for p, lines in enumerate(map(_lines, plays)) for i, line in enumerate(lines)
                   if i > 60 and _is_verse(line, 5) and re.search(r"\b[A-Za-z]{3,}[.,;:!?]*$", line)]
@@ -68,7 +68,7 @@ def cloze_examples(plays: list[str], n: int, rng: random.Random, chars: int = 12
     return out
 
 
-def choice_examples(plays: list[str], n: int, rng: random.Random, chars: int = 800) -> list[dict]:
+def choice_examples(plays: list[str], n: int, rng: random.Random, chars: int = 600) -> list[dict]:
     out = []
     per_play = [_lines(p) for p in plays]
     candidates = [(p, i) for p, lines in enumerate(per_play) for i, line in enumerate(lines)
@@ -101,7 +101,7 @@ def proper_names(play: str) -> set[str]:
     return {w for w, c in inner.items() if c >= 2 and len(w) >= 4 and w.lower() not in lower}
 
 
-def recall_examples(plays: list[str], n: int, rng: random.Random, chars: int = 1600) -> list[dict]:
+def recall_examples(plays: list[str], n: int, rng: random.Random, chars: int = 1200) -> list[dict]:
     out = []
     names = [proper_names(p) for p in plays]
     for _ in range(n * 50):

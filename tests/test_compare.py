@@ -1,0 +1,89 @@
+"""compare: the dense curve interpolation, paired differences, the default recipe, a tiny end-to-end run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simba_cli.cli import app
+from simba_cli.eval.compare import CompareSpec, at_equal_flops, paired
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_recipe_file_equals_the_built_in_defaults():
+    assert CompareSpec.from_yaml(ROOT / "recipes" / "compare.yaml") == CompareSpec()
+
+
+def test_difference_to_dense_is_read_off_the_dense_curve_in_log_flops():
+    rows = [
+        {"task": "t", "setting": "dense", "model": "a", "flops_per_doc": 100.0, "acc": 0.30},
+        {"task": "t", "setting": "dense", "model": "b", "flops_per_doc": 400.0, "acc": 0.50},
+        {"task": "t", "setting": "simba 0.1", "model": "b", "flops_per_doc": 200.0, "acc": 0.45},
+        {"task": "t", "setting": "simba 0.1", "model": "b", "flops_per_doc": 50.0, "acc": 0.2},
+    ]
+    at_equal_flops(rows)
+    # 200 is halfway between 100 and 400 in log FLOPs: the dense curve is at 0.40 there
+    assert rows[2]["dense_at_flops"] == pytest.approx(0.40)
+    assert rows[2]["vs_dense"] == pytest.approx(0.05)
+    assert rows[3]["vs_dense"] is None  # outside the dense curve: no extrapolation
+
+
+def test_perplexity_is_interpolated_in_log_space():
+    rows = [{"task": "simba_cloze", "setting": "dense", "model": m, "flops_per_doc": f, "perplexity": p}
+            for m, f, p in (("a", 100.0, 100.0), ("b", 400.0, 25.0))]
+    rows.append({"task": "simba_cloze", "setting": "x", "model": "b", "flops_per_doc": 200.0, "perplexity": 40.0})
+    at_equal_flops(rows)
+    assert rows[2]["dense_at_flops"] == pytest.approx(50.0)  # geometric mean of 100 and 25
+
+
+def test_paired_difference_and_standard_error():
+    mean, se = paired([1, 0, 1, 1], [0, 0, 1, 0])
+    assert mean == pytest.approx(0.5)
+    assert se == pytest.approx(math.sqrt(1 / 3) / 2)  # sd of (1, 0, 0, 1) is sqrt(1/3), over sqrt(4)
+
+
+def test_tiny_compare_end_to_end_resumes_and_refuses_to_overwrite(tmp_path):
+    from tests.test_eval import TEXT  # noqa: F401  (the same tiny world)
+    from simba_cli.models.checkpoint import save_checkpoint
+    from simba_cli.train.bpe import train_bpe
+    from tests.conftest import random_model, tiny_config
+
+    tok = train_bpe(TEXT, 300)
+    small = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=3), 1), tmp_path / "s", tokenizer=tok)
+    big = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4, d_model=48), 2), tmp_path / "b",
+                          tokenizer=tok)
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(f"""models: [{small}, {big}]
+tasks: [simba_choice]
+limit: 3
+final_keeps: [0.5]
+criteria: [simba, recent]
+match_flops: true
+match_seq_len: 64
+ppl_contexts: [48, 64]
+ppl_score_last: 16
+ppl_windows: 2
+""")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    settings = {(row["model"], row["setting"]) for row in summary["rows"]}
+    assert (str(small), "dense") in settings and (str(big), "simba 0.5") in settings
+    assert (str(big), "recent 0.5") in settings
+    assert all(row["flops_per_doc"] > 0 for row in summary["rows"])
+    assert {p["vs"] for p in summary["paired"]} >= {"recent", "dense"}
+    for name in ("compare.csv", "compare.md", "compare.json", "perplexity.csv", "flops_accuracy.png",
+                 "ppl_context.png", "compare.yaml"):
+        assert (out / name).is_file(), name
+    assert summary["provenance"]["git_commit"] is None or len(summary["provenance"]["git_commit"]) >= 40
+    # the results are never overwritten without --overwrite; --resume reuses every finished part
+    again = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    parts = sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir())
+    resumed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir()) == parts
