@@ -46,10 +46,10 @@ def test_paired_difference_and_standard_error():
 
 
 def test_tiny_compare_end_to_end_resumes_and_refuses_to_overwrite(tmp_path):
-    from tests.test_eval import TEXT  # noqa: F401  (the same tiny world)
     from simba_cli.models.checkpoint import save_checkpoint
     from simba_cli.train.bpe import train_bpe
     from tests.conftest import random_model, tiny_config
+    from tests.test_eval import TEXT  # noqa: F401  (the same tiny world)
 
     tok = train_bpe(TEXT, 300)
     small = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=3), 1), tmp_path / "s", tokenizer=tok)
