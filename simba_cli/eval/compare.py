@@ -173,7 +173,9 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     n_jobs = sum(len(s) for _, s in plan) * len(spec.tasks) + len(spec.models) * 3 * bool(spec.ppl_contexts)
     started = time.time()
     rows, ppl_rows, samples = [], [], {}
-    with _Progress(progress, n_jobs) as bar:
+    from simba_cli.report.progress import Bar
+
+    with Bar(progress, n_jobs, "compare") as bar:
         for name, settings in plan:
             loaded, _ = load_any(name, device=device)
             lm = SimbaLM(model=loaded, batch_size=spec.batch_size, device=device)
@@ -270,39 +272,3 @@ def paired_rows(rows: list[dict], samples: dict) -> list[dict]:
                         "per_doc": "loglik" if r.get("metric") in LOWER_IS_BETTER else r.get("metric"),
                         "vs": other, "diff": mean, "stderr": se, "docs": len(mine)})
     return out
-
-
-class _Progress:
-    """A rich progress bar over evaluations, with rate and ETA (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), TimeRemainingColumn())
-            self.p.__enter__()
-            self.task = self.p.add_task("compare", total=self.total)
-        return self
-
-    def describe(self, text: str):
-        if self.enabled:
-            self.p.update(self.task, description=text.ljust(36)[:36])
-
-    def advance(self):
-        if self.enabled:
-            self.p.advance(self.task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)

@@ -65,9 +65,12 @@ class SimbaLM(TemplateLM):
         self.model = loaded.model.to(self._device).eval()
         self.tokenizer = loaded.tokenizer
         given = {k: v for k, v in prune_args.items() if k in _PRUNE_KEYS}
-        if "schedule" in given and given["schedule"] == "none":
-            base = None
-        start = base or (DENSE if "schedule" not in given else PruneConfig())
+        if given.get("schedule") == "none":
+            start = DENSE
+        elif base is not None:
+            start = base  # the artifact's own schedule, unless overridden below
+        else:
+            start = PruneConfig() if given else DENSE  # any pruning argument means linear unless said otherwise
         self.config = dataclasses.replace(start, **{k: _cast(k, v) for k, v in given.items()})
         self.batch_size_per_gpu = _as_int(batch_size if batch_size != "auto" else 8, "batch_size")
         self._max_length = _as_int(max_length, "max_length")

@@ -233,7 +233,10 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
                             "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "step": step,
                             "elapsed": elapsed, "tokens_seen": tokens_seen})
 
-    bar = _progress(progress and dd.main, recipe.train.steps, step)
+    from simba_cli.report.progress import Bar
+
+    bar = Bar(progress and dd.main, recipe.train.steps, "train", ("loss {task.fields[loss]:.3f}",
+              "{task.fields[rate]:,.0f} tok/s"), start=step, loss=float("nan"), rate=0.0)
     tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     loss_value = float("nan")
@@ -260,7 +263,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
                 write_log({"step": step, "loss": loss_value, "lr": lr_at(step - 1, recipe), "tokens": tokens_seen,
                            "tokens_per_s": rate, "elapsed_s": elapsed})
                 window_start, window_tokens = time.perf_counter(), 0
-                bar.update(step, loss_value, rate)
+                bar.update(completed=step, loss=loss_value, rate=rate)
             if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
                 val = evaluate_loss(model, val_windows, loss_fn, recipe.train.batch_size, device)
                 write_log({"step": step, "val_loss": val, "val_ppl": math.exp(val), "elapsed_s": elapsed})
@@ -300,42 +303,3 @@ def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
 
         write_artifact(target, ".", prune_config(recipe.prune), model.cfg, recipe.data.seq_len, overwrite=True,
                        seed=recipe.train.seed)
-
-
-class _progress:
-    """A rich progress bar with loss, tokens/s and ETA; a no-op when disabled (other ranks, --quiet)."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]:.3f}"),
-                                     TextColumn("{task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
-                                     TextColumn("ETA"), TimeRemainingColumn())
-            self.task = self.progress.add_task("train", total=total, completed=start, loss=float("nan"), rate=0.0)
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def update(self, step: int, loss: float, rate: float):
-        if self.enabled:
-            self.progress.update(self.task, completed=step, loss=loss, rate=rate)
-
-    def note(self, text: str):
-        if self.enabled:
-            self.progress.console.log(text)
