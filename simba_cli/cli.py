@@ -262,6 +262,26 @@ def compare_cmd(
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")
 
 
+@command("generate")
+def generate_cmd(
+    model: Model,
+    prompt: Annotated[str, typer.Option(help="The prompt text")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    schedule: Annotated[str | None, typer.Option(help="Prune the prompt's prefill (none = dense)")] = None,
+    final_keep: Annotated[float | None, typer.Option()] = None,
+    criterion: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+):
+    """Generate text: a Simba-pruned prefill of the prompt (or a dense one), then recurrent decoding."""
+    from simba_cli.eval.lm import SimbaLM
+
+    lm = SimbaLM(pretrained=model, device=device, **_prune_overrides(schedule, final_keep, None, None, criterion))
+    typer.echo(lm.generate_text(prompt, max_new_tokens, temperature, top_p, seed))
+
+
 @command("finetune")
 def finetune_cmd(
     model: Annotated[str | None, typer.Argument(

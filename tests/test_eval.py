@@ -135,3 +135,11 @@ def test_lm_eval_python_api_finds_the_registered_model(hf_dir):
     res = lm_eval.simple_evaluate(model="simba", model_args=f"pretrained={hf_dir},schedule=linear,final_keep=0.5",
                                   tasks=["simba_recall"], limit=2, task_manager=tm, device="cpu")
     assert "acc,none" in res["results"]["simba_recall"]
+
+
+def test_generate_command_with_a_pruned_prefill(hf_dir):
+    r = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", TEXT[1][:60], "--max-new-tokens", "4",
+                                 "--schedule", "linear", "--final-keep", "0.3"])
+    assert r.exit_code == 0, r.output
+    empty = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", ""])
+    assert empty.exit_code == 2 and "prompt" in empty.output

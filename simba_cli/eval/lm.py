@@ -209,6 +209,20 @@ class SimbaLM(TemplateLM):
         return totals
 
     @torch.no_grad()
+    def generate_text(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0) -> str:
+        from simba_cli.models.decode import generate, prefill
+
+        ids = self.tok_encode(prompt)
+        if not ids:
+            raise UserError("the prompt is empty; give some text with --prompt")
+        prefill_fn = prefill if self.config.schedule == "none" else pruned_prefill(self.config)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        new = generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens, prefill_fn=prefill_fn,
+                       eos_token_id=self.eot_token_id, temperature=temperature, top_p=top_p, generator=gen)
+        return self.tok_decode(new[0].tolist())
+
+    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from simba_cli.models.decode import generate, prefill
 
