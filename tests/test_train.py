@@ -133,7 +133,17 @@ def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
         assert all(w in r.output for w in words)
 
 
-@pytest.mark.parametrize("name", ["zoo-s", "zoo-m", "zoo-l"])
+def test_the_zoo_is_a_ladder_of_about_2x_steps_and_larger_is_better():
+    from simba_cli.models import zoo
+
+    rows = [zoo.info(n) for n in zoo.names()]
+    assert len(rows) >= 2
+    for small, big in zip(rows, rows[1:]):
+        assert 1.6 < big["flops_per_token"] / small["flops_per_token"] < 2.4
+        assert big["val_ppl"] < small["val_ppl"]
+
+
+@pytest.mark.parametrize("name", __import__("simba_cli.models.zoo", fromlist=["names"]).names())
 def test_zoo_model_reproduces_its_recorded_perplexity(name):
     """Loaded by name, each zoo model scores the held-out windows it was measured on, to the recorded value."""
     from simba_cli.models import zoo
@@ -141,7 +151,6 @@ def test_zoo_model_reproduces_its_recorded_perplexity(name):
     from simba_cli.train.corpus import load_texts
     from simba_cli.train.data import eval_windows, tokenize_documents
 
-    assert name in zoo.names(), f"{name} is missing from the zoo; train it with `make zoo`"
     metrics = zoo.info(name)
     loaded = load_model(name)
     stream = tokenize_documents(loaded.tokenizer, load_texts("shakespeare", "validation"))

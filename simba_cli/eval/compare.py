@@ -37,7 +37,7 @@ LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per
 class CompareSpec:
     """A comparison: the YAML recipe (recipes/compare.yaml) is its single source of truth."""
 
-    models: list[str] = field(default_factory=lambda: ["zoo-s", "zoo-m", "zoo-l"])
+    models: list[str] = field(default_factory=list)  # empty: every zoo model, smallest first
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     limit: int | None = 50
     schedule: str = "linear"
@@ -57,7 +57,10 @@ class CompareSpec:
         from simba_cli.simba.criteria import check_criterion
 
         if not self.models:
-            raise UserError("compare needs at least one model")
+            from simba_cli.models import zoo
+
+            if not zoo.names():
+                raise UserError("no models to compare: the zoo is empty (train it with `make zoo`); give --models")
         if not self.tasks and not self.ppl_contexts:
             raise UserError("compare needs tasks or perplexity contexts")
         for c in self.criteria:
@@ -165,12 +168,15 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     torch.manual_seed(spec.seed)
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    from simba_cli.models import zoo
+
+    models = spec.models or zoo.names()
     plan = []
-    for i, name in enumerate(spec.models):
-        smaller = spec.models[i - 1] if i > 0 else None
+    for i, name in enumerate(models):
+        smaller = models[i - 1] if i > 0 else None
         plan.append((name, settings_for(spec, name, smaller)))
     tasks = task_dict(spec.tasks) if spec.tasks else None
-    n_jobs = sum(len(s) for _, s in plan) * len(spec.tasks) + len(spec.models) * 3 * bool(spec.ppl_contexts)
+    n_jobs = sum(len(s) for _, s in plan) * len(spec.tasks) + len(models) * 3 * bool(spec.ppl_contexts)
     started = time.time()
     rows, ppl_rows, samples = [], [], {}
     from simba_cli.report.progress import Bar
