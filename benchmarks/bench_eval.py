@@ -32,7 +32,7 @@ def main(model: str = "zoo-m", task: str = "simba_choice", limit: int = 60, batc
         t = time.perf_counter()
         res = evaluate(lm, tasks, limit=limit, bootstrap_iters=0, verbosity="WARNING")
         seconds = time.perf_counter() - t
-        n_requests = sum(len(tasks["tasks"][task].instances) for _ in [0])
+        n_requests = len(tasks["tasks"][task].instances)
         figures[f"{name}_s"] = seconds
         figures[f"{name}_requests_per_s"] = n_requests / seconds
         metrics[name] = flat_metrics(res)[task]

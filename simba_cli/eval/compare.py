@@ -144,7 +144,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     """Run the comparison into `out`; returns the summary (also written there)."""
     import torch
 
-    from simba_cli.eval.harness import run_tasks, task_dict
+    from simba_cli.eval.harness import only, run_tasks, task_dict
     from simba_cli.eval.lm import SimbaLM
     from simba_cli.eval.perplexity import long_context_perplexity, token_stream
     from simba_cli.provenance import provenance
@@ -193,8 +193,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
                     else:
                         bar.describe(f"{name} {label} {task}")
                         lm.config = config
-                        one = {"tasks": {task: tasks["tasks"][task]}, "groups": {}, "group_map": {}}
-                        r = run_tasks(lm, one, limit=spec.limit, log_samples=True)
+                        r = run_tasks(lm, only(tasks, task), limit=spec.limit, log_samples=True)
                         part = _part(name, label, config, task, r)
                         write_atomic(path, json.dumps(part) + "\n")
                     rows.append(part["row"])

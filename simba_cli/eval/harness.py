@@ -46,6 +46,11 @@ def task_dict(tasks: list[str], source: str = "shakespeare"):
     return loaded
 
 
+def only(tasks: dict, name: str) -> dict:
+    """The task dict of one task out of a loaded one (each task is evaluated alone: its own FLOPs)."""
+    return {"tasks": {name: tasks["tasks"][name]}, "groups": {}, "group_map": {}}
+
+
 def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
     """{task: {metric: value, metric_stderr: value}} from lm-eval's results (the ',none' filter dropped)."""
     out = {}
@@ -108,9 +113,8 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
     lm = SimbaLM(pretrained=model, batch_size=batch_size, device=device, **(prune or {}))
     loaded = task_dict(tasks) if tasks else {"tasks": {}}
     results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.short(), "tasks": {}}
-    for name, task in loaded["tasks"].items():
-        one = {"tasks": {name: task}, "groups": {}, "group_map": {}}
-        r = run_tasks(lm, one, limit=limit, num_fewshot=num_fewshot)
+    for name in loaded["tasks"]:
+        r = run_tasks(lm, only(loaded, name), limit=limit, num_fewshot=num_fewshot)
         if not r:
             continue
         docs = r["n_samples"][name]["effective"] if r.get("n_samples") else None

@@ -31,10 +31,6 @@ _SPEAKER = re.compile(r"^[A-Z][A-Z .,'’-]+:$")
 _WORD = re.compile(r"[A-Za-z][a-z]+")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SIMBA_CACHE", Path.home() / ".cache" / "simba"))
-
-
 def _lines(play: str) -> list[str]:
     return [ln for ln in play.split("\n") if ln.strip()]
 
@@ -189,6 +185,7 @@ _BUILDERS = {"simba_cloze": cloze_examples, "simba_choice": choice_examples, "si
 
 def build_tasks(source: str = "shakespeare", n: int = 500, seed: int = 1234, root: Path | None = None) -> Path:
     """Write the three tasks (JSONL + lm-eval YAML) and return their directory (an lm-eval include path)."""
+    from simba_cli.train.bpe import cache_dir
     from simba_cli.train.corpus import load_texts
 
     plays = load_texts(source, "evaluation")
@@ -196,7 +193,7 @@ def build_tasks(source: str = "shakespeare", n: int = 500, seed: int = 1234, roo
         raise UserError(f"no evaluation texts in {source!r}; the tasks need held-out text")
     digest = hashlib.sha256(json.dumps([VERSION, n, seed, [hashlib.sha256(p.encode()).hexdigest()
                                                           for p in plays]]).encode()).hexdigest()[:12]
-    directory = (root or cache_root() / "tasks") / f"{digest}"
+    directory = (root or cache_dir() / "tasks") / f"{digest}"
     if (directory / "complete").is_file():
         return directory
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
