@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from simba_cli.errors import UserError
 from simba_cli.models.decode import generate
 from simba_cli.ops.scan_ref import selective_scan_ref
-from simba_cli.simba.criteria import positive_dt, simba_contributions, simba_score, simba_score_reference
+from simba_cli.simba.criteria import simba_contributions, simba_score, simba_score_reference
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.simba.pruned import PruneConfig, check_seq_len, pruned_forward, pruned_prefill
 from simba_cli.simba.schedule import Schedule, mean_keep
@@ -28,7 +29,7 @@ def layer_scan(dtype=torch.float64, lengths=(13, 8), seed=0):
 def test_criterion_equals_brute_force():
     """dy_T(t) = y_T(full) - y_T(u_t = 0), the scan being linear in u; float64."""
     scan, lengths = layer_scan()
-    dt = positive_dt(scan, lengths)
+    dt = scan.dt
     contrib = simba_contributions(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)
     for b, n in enumerate(lengths.tolist()):
         T = n - 1
@@ -42,6 +43,20 @@ def test_criterion_equals_brute_force():
             assert contrib[b, t].max() == pytest.approx(
                 simba_score_reference(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)[b, t].item(), rel=1e-12)
     assert torch.isinf(simba_score_reference(scan.u, dt, scan.A, scan.B, scan.C, lengths - 1)[1, 8:]).all()
+
+
+@torch.no_grad()
+def test_keeping_scan_inputs_leaves_the_layer_unchanged():
+    """The scoring layer hands its dt to the scan: same output bit for bit, and dt is the scan's step size."""
+    model = random_model(tiny_config(d_model=16), seed=3)
+    h = torch.randn(2, 11, 16, generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([11, 6])
+    mixer = model.layers[1].mixer
+    kept = mixer.mix(h, lengths, keep_scan_inputs=True)
+    assert torch.equal(kept.out, mixer.mix(h, lengths).out)
+    delta = F.linear(kept.scan.u @ mixer.x_proj.weight.t()[:, :mixer.cfg.dt_rank], mixer.dt_proj.weight)
+    expect = F.softplus(delta + mixer.dt_proj.bias) * (torch.arange(11)[None, :, None] < lengths[:, None, None])
+    torch.testing.assert_close(kept.scan.dt, expect)
 
 
 @pytest.mark.parametrize("variant", ["simba", "simba-abs", "simba-gated"])
@@ -60,13 +75,12 @@ def test_cpu_score_kernel_matches_reference(variant):
 @torch.no_grad()
 def test_triton_score_kernel_matches_the_criterion(variant):
     """The fused kernel (interpreted on CPU) on a real layer's scan quantities, against the criterion."""
-    import torch.nn.functional as F
     from simba_kernels.simba_score import simba_score as triton_score
 
     scan, lengths = layer_scan(lengths=(40, 23), seed=2)
     ref = simba_score(scan, lengths, variant)
     gate_T = F.silu(scan.z[torch.arange(2), lengths - 1]) if variant == "simba-gated" else None
-    got = triton_score(scan.u, positive_dt(scan, lengths), scan.A, scan.B, scan.C, lengths - 1,
+    got = triton_score(scan.u, scan.dt, scan.A, scan.B, scan.C, lengths - 1,
                        absolute=variant == "simba-abs", gate_T=gate_T)
     finite = torch.isfinite(ref)
     assert torch.equal(finite, torch.isfinite(got))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from simba_cli.models.config import MambaConfig
 from simba_cli.ops.conv import causal_conv1d, conv_state_at
-from simba_cli.ops.scan import selective_scan
+from simba_cli.ops.scan import scan_dt, selective_scan
 
 
 class RMSNorm(nn.Module):
@@ -48,14 +48,16 @@ def make_norm(cfg: MambaConfig) -> nn.Module:
 
 @dataclass
 class ScanInputs:
-    """What a layer's scan consumed, for the Simba criterion: u, delta (b, l, D); B, C (b, l, N); A (D, N)."""
+    """What a layer's scan consumed, for the Simba criterion: u, dt, z (b, l, D); B, C (b, l, N); A (D, N).
+
+    dt is the positive step size, softplus(delta + bias), zero on padding (`ops.scan.scan_dt`).
+    """
 
     u: torch.Tensor
-    delta: torch.Tensor
+    dt: torch.Tensor
     A: torch.Tensor
     B: torch.Tensor
     C: torch.Tensor
-    delta_bias: torch.Tensor
     z: torch.Tensor
 
 
@@ -93,13 +95,19 @@ class MambaMixer(nn.Module):
         dt_low, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)
         A = self.A()
-        y, ssm_state = selective_scan(
-            u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True, lengths=lengths, return_last_state=True,
-        )
+        if keep_scan_inputs:
+            # The criterion reads the scan's own dt: computed once here, handed to the scan as is.
+            dt = scan_dt(delta, self.dt_proj.bias, lengths)
+            y, ssm_state = selective_scan(u, dt, A, B, C, self.D.float(), z=z, lengths=lengths,
+                                          return_last_state=True)
+        else:
+            y, ssm_state = selective_scan(
+                u, delta, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True, lengths=lengths, return_last_state=True,
+            )
         result = MixerOutput(self.out_proj(y))
         if keep_scan_inputs:
-            result.scan = ScanInputs(u, delta, A, B, C, self.dt_proj.bias, z)
+            result.scan = ScanInputs(u, dt, A, B, C, z)
         if final_state:
             result.conv_state = conv_state_at(x, lengths, cfg.d_conv)
             result.ssm_state = ssm_state

@@ -69,14 +69,24 @@ def selective_scan(
     return (y, last) if return_last_state else y
 
 
+def scan_dt(delta, delta_bias=None, lengths=None, softplus=True) -> torch.Tensor:
+    """dt = softplus(delta + delta_bias), zero on padding: (b, l, D), float32 (float64 stays float64).
+
+    The step sizes the scan consumes; the Simba criterion reads the same tensor (`MambaMixer.mix`).
+    """
+    work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    dt = delta.to(work) if delta_bias is None else delta.to(work) + delta_bias.to(work)
+    if softplus:
+        dt = F.softplus(dt)
+    if lengths is not None:
+        dt = dt * (torch.arange(dt.shape[1], device=dt.device)[None, :] < lengths[:, None])[..., None]
+    return dt
+
+
 def _gated_scan(core, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
     # softplus, padding and the gate are cheap vectorised PyTorch ops (autograd differentiates them);
     # the compiled core (numba on CPU, Triton on CUDA) does the recurrence, where the time goes.
-    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
-    if delta_softplus:
-        dt = F.softplus(dt)
-    if lengths is not None:
-        dt = dt * (torch.arange(u.shape[1], device=u.device)[None, :] < lengths[:, None])[..., None]
+    dt = scan_dt(delta.float(), delta_bias, lengths, delta_softplus)
     y, last = core.apply(u, dt, A, B, C, D_skip, lengths)
     if z is not None:
         y = y * F.silu(z.float())

@@ -54,14 +54,6 @@ class LayerView:
     seed: int = 0
 
 
-def positive_dt(scan: ScanInputs, lengths: torch.Tensor) -> torch.Tensor:
-    """dt = softplus(delta + bias), zero on padding: (b, l, D), float32 (float64 stays float64)."""
-    work = torch.float64 if scan.delta.dtype == torch.float64 else torch.float32
-    dt = F.softplus(scan.delta.to(work) + scan.delta_bias.to(work))
-    mask = torch.arange(dt.shape[1], device=dt.device)[None, :] < lengths[:, None]
-    return dt * mask[..., None]
-
-
 def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
     """dy_T(t) for every t, (b, l, D): the reference formula (materialises (b, chunk, D, N); for tests)."""
     b, l, d = u.shape
@@ -91,7 +83,7 @@ def simba_score_reference(u, dt, A, B, C, last_idx, absolute=False, gate_T=None)
 
 def simba_score(scan: ScanInputs, lengths: torch.Tensor, variant: str = "simba") -> torch.Tensor:
     """The Simba score of a layer's tokens, (b, l), by the fastest backend for the device."""
-    dt = positive_dt(scan, lengths)
+    dt = scan.dt  # the scan's own step sizes, zero on padding
     last_idx = lengths - 1
     gate_T = None
     if variant == "simba-gated":
@@ -134,7 +126,7 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
     elif criterion == "recent":
         scores = torch.arange(l, device=device, dtype=torch.float32).expand(b, l).clone()
     elif criterion == "dt-norm":
-        scores = positive_dt(view.scan, lengths).float().norm(dim=-1)
+        scores = view.scan.dt.float().norm(dim=-1)
     elif criterion == "output-norm":
         scores = view.output.float().clamp(min=0).sum(-1)
     else:
