@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint compare zoo bench-core bench-simba bench-eval bench finetune-experiment clean
+.PHONY: setup test lint compare criteria zoo bench-core bench-simba bench-eval bench finetune-experiment clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: $(STAMP)
 # The main job: dense vs Simba-pruned zoo models at matched FLOPs on the offline tasks.
 compare: $(STAMP)
 	$(SIMBA) compare --out runs/compare --overwrite
+
+# Every criterion side by side on the zoo (the evidence for the default criterion); resumable.
+criteria: $(STAMP)
+	$(SIMBA) compare --recipe recipes/criteria.yaml --out runs/criteria --resume
 
 # Train the zoo (resumable: an interrupted run continues from its last checkpoint), then publish it
 # into the package.

@@ -17,6 +17,11 @@ def test_default_recipe_file_equals_the_built_in_defaults():
     assert CompareSpec.from_yaml(ROOT / "recipes" / "compare.yaml") == CompareSpec()
 
 
+def test_the_criterion_ablation_recipe_is_valid_and_pairs_against_simba():
+    spec = CompareSpec.from_yaml(ROOT / "recipes" / "criteria.yaml")
+    assert spec.criteria[0] == "simba" and {"simba-abs", "recent", "random"} <= set(spec.criteria)
+
+
 def test_difference_to_dense_is_read_off_the_dense_curve_in_log_flops():
     rows = [
         {"task": "t", "setting": "dense", "model": "a", "flops_per_doc": 100.0, "acc": 0.30},

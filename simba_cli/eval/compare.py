@@ -49,6 +49,7 @@ class CompareSpec:
     ppl_score_last: int = 32
     ppl_windows: int = 16
     ppl_final_keep: float = 0.1
+    ppl_criteria: list[str] = field(default_factory=lambda: ["simba", "recent"])
     batch_size: int = 16
     seed: int = 0
     device: str | None = None
@@ -63,7 +64,9 @@ class CompareSpec:
                 raise UserError("no models to compare: the zoo is empty (train it with `make zoo`); give --models")
         if not self.tasks and not self.ppl_contexts:
             raise UserError("compare needs tasks or perplexity contexts")
-        for c in self.criteria:
+        if not self.criteria:
+            raise UserError("compare needs at least one criterion (the first is compared with the others)")
+        for c in [*self.criteria, *self.ppl_criteria]:
             check_criterion(c)
         for k in [*self.final_keeps, self.ppl_final_keep]:
             PruneConfig(schedule=self.schedule, final_keep=k)  # validates
@@ -204,7 +207,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
                 for label, config in [("dense", DENSE)] + [
                         (f"{c} {spec.ppl_final_keep:g}", PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c,
                                                                     seed=spec.seed))
-                        for c in ("simba", "recent")]:
+                        for c in spec.ppl_criteria]:
                     path = _part_path(out, name, label, "ppl")
                     if path.is_file():
                         part_rows = json.loads(path.read_text())
@@ -219,7 +222,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
             del lm, loaded
 
     at_equal_flops(rows)
-    pairs = paired_rows(rows, samples)
+    pairs = paired_rows(rows, samples, spec.criteria[0])
     write_tables(rows, out / "compare")
     if ppl_rows:
         write_tables(ppl_rows, out / "perplexity")
@@ -260,15 +263,17 @@ def _scalar(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def paired_rows(rows: list[dict], samples: dict) -> list[dict]:
-    """Simba minus each baseline at the same model, keep and task, per document, with standard errors."""
+def paired_rows(rows: list[dict], samples: dict, subject: str = "simba") -> list[dict]:
+    """`subject` (the first criterion of the recipe) minus every other criterion and dense, at the same
+    model, keep and task: the mean difference per document with its standard error."""
     out = []
+    others = sorted({r["criterion"] for r in rows} - {subject, "-"}) + ["dense"]
     for r in rows:
-        if r["criterion"] != "simba":
+        if r["criterion"] != subject:
             continue
         mine = samples.get((r["model"], r["setting"], r["task"]))
-        for other in ("recent", "random", "dense"):
-            label = "dense" if other == "dense" else r["setting"].replace("simba", other, 1)
+        for other in others:
+            label = "dense" if other == "dense" else other + r["setting"][len(subject):]
             theirs = samples.get((r["model"], label, r["task"]))
             if not mine or not theirs or len(mine) != len(theirs):
                 continue
