@@ -50,27 +50,46 @@ def test_loss_falls(data_file, tmp_path):
 
 
 def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp_path, monkeypatch):
-    loop.finetune(tiny_recipe(data_file), tmp_path / "whole", progress=False)
+    """With dropout on, so the RNG state is part of what resumes. Interrupted at step 13: the checkpoint of
+    step 10 survives, and the log records of steps 11-13 are dropped and redone."""
+    loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "whole", progress=False)
 
     real_lr_at = loop.lr_at
 
-    def interrupt_after_10(step, recipe):
-        if step == 10:
+    def interrupt_after_13(step, recipe):
+        if step == 13:
             raise KeyboardInterrupt
         return real_lr_at(step, recipe)
 
-    monkeypatch.setattr(loop, "lr_at", interrupt_after_10)
+    monkeypatch.setattr(loop, "lr_at", interrupt_after_13)
     with pytest.raises(KeyboardInterrupt):
-        loop.finetune(tiny_recipe(data_file), tmp_path / "split", progress=False)
+        loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", progress=False)
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 10  # the last complete checkpoint survived the interruption
+    assert len(losses(tmp_path / "split")) == 13
     monkeypatch.setattr(loop, "lr_at", real_lr_at)
-    loop.finetune(tiny_recipe(data_file), tmp_path / "split", resume=True, progress=False)
+    loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "whole" / "model").state_dict()
     b = load_checkpoint(tmp_path / "split" / "model").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert losses(tmp_path / "split")[-10:] == pytest.approx(losses(tmp_path / "whole")[-10:], rel=1e-5)
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_dropout_acts_in_training_only_and_leaves_the_model_plain():
+    from tests.conftest import random_model, tiny_config
+
+    model = random_model(tiny_config(), 0)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        dense = model.eval()(ids)
+        handles = loop.add_dropout(model, 0.3)
+        assert torch.equal(model.eval()(ids), dense)  # eval mode: no dropout
+        model.train()
+        assert not torch.allclose(model(ids), dense)
+        assert not torch.allclose(model(ids), model(ids))
+    assert set(model.state_dict()) == keys and len(handles) == 1 + len(model.layers)
 
 
 def test_two_gloo_processes_equal_one(data_file, tmp_path):

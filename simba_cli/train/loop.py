@@ -125,6 +125,20 @@ class LossFn:
 
 
 @torch.no_grad()
+def add_dropout(model: MambaLM, p: float) -> list:
+    """Dropout on the embeddings and on every mixer's output, in train mode only (GPT-2's embedding and
+    residual dropout). The zoo models see their small corpus several times over; this regularises them.
+    Forward hooks, so the architecture and the saved model stay plain Mamba. Returns the hook handles."""
+    if p <= 0:
+        return []
+
+    def hook(module, args, output):
+        return F.dropout(output, p, training=module.training)
+
+    modules = [model.backbone.embedding, *(block.mixer.out_proj for block in model.layers)]
+    return [m.register_forward_hook(hook) for m in modules]
+
+
 def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int, device) -> float:
     was_training = model.training
     model.eval()
@@ -194,6 +208,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
     if artifact_prune is not None and recipe.prune is None:
         recipe.prune = prune_spec(artifact_prune)
+    add_dropout(model, recipe.train.dropout)
     loss_fn = LossFn(recipe)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
@@ -208,6 +223,8 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+        if dd.main:
+            _truncate_log(out / "train_log.jsonl", step)
     train_model = model
     if dd.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -290,6 +307,16 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     if dd.world > 1:
         dist.barrier()
     return metrics
+
+
+def _truncate_log(path: Path, step: int):
+    """Drop the records written after the checkpoint a run resumes from: they are about to be redone."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):

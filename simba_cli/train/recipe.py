@@ -80,6 +80,7 @@ class TrainSpec:
     checkpoint_every: int = 250
     log_every: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
+    dropout: float = 0.0  # training only: on the embeddings and every mixer's output (not saved with the model)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Recipe:
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)"),
             (all(0 <= b < 1 for b in self.optim.betas), "optim.betas must be in [0, 1)"),
+            (0 <= self.train.dropout < 1, "train.dropout must be in [0, 1)"),
             (self.train.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
             (self.tokenizer.vocab_size >= 300, "tokenizer.vocab_size must be at least 300 (256 bytes + merges)"),
             (min(self.train.eval_every, self.train.checkpoint_every, self.train.log_every) >= 1,
