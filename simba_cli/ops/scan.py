@@ -164,8 +164,9 @@ def _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, le
             pad_delta = torch.zeros_like(delta) - (0 if delta_bias is None else delta_bias)
         delta = torch.where(mask[..., None], delta, pad_delta)
     t = lambda x: None if x is None else x.transpose(1, 2).contiguous()
+    # mamba-ssm wants delta in u's dtype (a caller may hand over an fp32 dt already through softplus)
     y, last = selective_scan_fn(
-        t(u), t(delta), A.float(), t(B), t(C), None if D_skip is None else D_skip.float(), t(z),
+        t(u), t(delta.to(u.dtype)), A.float(), t(B), t(C), None if D_skip is None else D_skip.float(), t(z),
         None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state=True,
     )
     y = y.transpose(1, 2)
