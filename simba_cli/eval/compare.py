@@ -222,10 +222,10 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
             del lm, loaded
 
     at_equal_flops(rows)
-    pairs = paired_rows(rows, samples, spec.criteria[0])
+    pairs = paired_rows(rows, samples, spec.criteria[0]) + paired_ppl_rows(ppl_rows, spec.criteria[0])
     write_tables(rows, out / "compare")
     if ppl_rows:
-        write_tables(ppl_rows, out / "perplexity")
+        write_tables([{k: v for k, v in r.items() if k != "window_nll"} for r in ppl_rows], out / "perplexity")
     if pairs:
         write_tables(pairs, out / "paired")
     figures = {}
@@ -281,4 +281,22 @@ def paired_rows(rows: list[dict], samples: dict, subject: str = "simba") -> list
             out.append({"model": r["model"], "setting": r["setting"], "task": r["task"],
                         "per_doc": "loglik" if r.get("metric") in LOWER_IS_BETTER else r.get("metric"),
                         "vs": other, "diff": mean, "stderr": se, "docs": len(mine)})
+    return out
+
+
+def paired_ppl_rows(ppl_rows: list[dict], subject: str = "simba") -> list[dict]:
+    """`subject` minus every other perplexity setting of the same model and context, paired over windows,
+    as log-likelihood per scored token (higher is better, like the tasks' per-document log-likelihoods)."""
+    by_key = {(r["model"], r["setting"], r["context"]): r for r in ppl_rows}
+    out = []
+    for (model, setting, context), r in by_key.items():
+        if setting.split()[0] != subject:
+            continue
+        keep = setting[len(subject):]
+        for (m2, other, c2), r2 in by_key.items():
+            if (m2, c2) != (model, context) or other == setting or not (other == "dense" or other.endswith(keep)):
+                continue
+            mean, se = paired([-x for x in r["window_nll"]], [-x for x in r2["window_nll"]])
+            out.append({"model": model, "setting": setting, "task": f"ppl@{context}", "per_doc": "loglik/token",
+                        "vs": other.split()[0], "diff": mean, "stderr": se, "docs": len(r["window_nll"])})
     return out

@@ -29,7 +29,8 @@ def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluatio
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
                             device="cpu") -> list[dict]:
-    """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios."""
+    """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, and
+    each window's mean NLL per scored token (`window_nll`, in window order)."""
     contexts = sorted(int(c) for c in contexts)
     if contexts[0] <= score_last:
         raise UserError(f"every context length must exceed --score-last {score_last}; got {contexts[0]}")
@@ -41,7 +42,7 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
     config = PruneConfig(**{**config.to_dict(), "mode": "protect"})
     rows = []
     for L in contexts:
-        nll, count, flops = 0.0, 0, None
+        nll, count, flops, per_window = 0.0, 0, None, []
         for s in range(0, len(ends), batch_size):
             batch = ends[s:s + batch_size]
             ids = torch.stack([stream[e - L:e] for e in batch]).to(device)
@@ -52,9 +53,12 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
             flops = out.flops if flops is None else flops + out.flops
             # In protect mode the logits rows are the protected positions, in order.
             logp = F.log_softmax(out.logits[:, -score_last:].float(), dim=-1)
-            nll -= float(logp.gather(2, targets[..., None]).sum())
+            window_nll = -logp.gather(2, targets[..., None])[..., 0].sum(1)
+            per_window += (window_nll / score_last).tolist()
+            nll += float(window_nll.sum())
             count += targets.numel()
         rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
                      "flops": flops.total, "flops_per_window": flops.total / len(ends),
-                     "mean_keep": sum(flops.keep_ratios) / len(flops.keep_ratios)})
+                     "mean_keep": sum(flops.keep_ratios) / len(flops.keep_ratios),
+                     "window_nll": per_window})  # per window, for paired differences
     return rows
