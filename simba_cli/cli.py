@@ -205,6 +205,7 @@ def eval_cmd(
 ):
     """Evaluate a model (dense or pruned) on lm-eval tasks and long-context perplexity, with measured FLOPs."""
     from simba_cli.eval.harness import evaluate_model, result_rows
+    from simba_cli.eval.perplexity import table_rows
     from simba_cli.report.tables import print_table, write_atomic, write_tables
 
     _check_out(out, overwrite)
@@ -216,7 +217,7 @@ def eval_cmd(
     if rows:
         print_table(rows, title=f"{model}: {results['setting']}")
     if results.get("perplexity"):
-        print_table(results["perplexity"], title="long-context perplexity")
+        print_table(table_rows(results["perplexity"]), title="long-context perplexity")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -239,6 +240,7 @@ def compare_cmd(
 ):
     """The main job: dense vs Simba-pruned models at matched FLOPs; tables, FLOPs-accuracy and context plots."""
     from simba_cli.eval.compare import CompareSpec, run_compare
+    from simba_cli.eval.perplexity import table_rows
     from simba_cli.report.tables import print_table
 
     spec = CompareSpec.from_yaml(recipe) if recipe else CompareSpec()
@@ -258,7 +260,7 @@ def compare_cmd(
     if summary["paired"]:
         print_table([p for p in summary["paired"] if p["vs"] != "dense"], title="Simba minus baseline, paired")
     if summary["perplexity"]:
-        print_table(summary["perplexity"], title="long-context perplexity")
+        print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")
 
 

@@ -149,7 +149,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
 
     from simba_cli.eval.harness import only, run_tasks, task_dict
     from simba_cli.eval.lm import SimbaLM
-    from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+    from simba_cli.eval.perplexity import long_context_perplexity, table_rows, token_stream
     from simba_cli.provenance import provenance
     from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
     from simba_cli.report.tables import write_atomic, write_tables
@@ -225,7 +225,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     pairs = paired_rows(rows, samples, spec.criteria[0]) + paired_ppl_rows(ppl_rows, spec.criteria[0])
     write_tables(rows, out / "compare")
     if ppl_rows:
-        write_tables([{k: v for k, v in r.items() if k != "window_nll"} for r in ppl_rows], out / "perplexity")
+        write_tables(table_rows(ppl_rows), out / "perplexity")
     if pairs:
         write_tables(pairs, out / "paired")
     figures = {}

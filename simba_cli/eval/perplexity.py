@@ -62,3 +62,8 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
                      "mean_keep": sum(flops.keep_ratios) / len(flops.keep_ratios),
                      "window_nll": per_window})  # per window, for paired differences
     return rows
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Perplexity rows for a table: everything but the per-window list (kept in the JSON results)."""
+    return [{k: v for k, v in r.items() if k != "window_nll"} for r in rows]
