@@ -259,6 +259,7 @@ def compare_cmd(
     print_table(rows, title="dense vs Simba at measured FLOPs")
     if summary["paired"]:
         print_table([p for p in summary["paired"] if p["vs"] != "dense"], title="Simba minus baseline, paired")
+        print_table(summary["pooled"], title="paired differences pooled over models, keeps and tasks (Stouffer z)")
     if summary["perplexity"]:
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
-from simba_cli.eval.compare import CompareSpec, at_equal_flops, paired
+from simba_cli.eval.compare import CompareSpec, at_equal_flops, paired, pooled_z
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,19 @@ def test_default_recipe_file_equals_the_built_in_defaults():
 
 def test_the_criterion_ablation_recipe_is_valid_and_pairs_against_simba():
     spec = CompareSpec.from_yaml(ROOT / "recipes" / "criteria.yaml")
-    assert spec.criteria[0] == "simba" and {"simba-abs", "recent", "random"} <= set(spec.criteria)
+    from simba_cli.simba.criteria import CRITERIA
+
+    # every criterion the toolkit has, on the tasks and on perplexity, paired against the signed default
+    assert spec.criteria[0] == "simba" and set(spec.criteria) == set(CRITERIA) == set(spec.ppl_criteria)
+
+
+def test_pooled_z_is_stouffers_over_every_comparison_with_a_baseline():
+    pairs = [{"vs": "recent", "diff": 0.2, "stderr": 0.1}, {"vs": "recent", "diff": -0.1, "stderr": 0.1},
+             {"vs": "recent", "diff": 0.0, "stderr": 0.0}, {"vs": "dense", "diff": -3.0, "stderr": 1.0}]
+    recent, dense = pooled_z(pairs)
+    assert recent == {"vs": "recent", "comparisons": 3, "z": pytest.approx((2 - 1 + 0) / math.sqrt(3)),
+                      "better": 1, "worse": 1}
+    assert dense["z"] == pytest.approx(-3.0) and dense["worse"] == 1
 
 
 def test_difference_to_dense_is_read_off_the_dense_curve_in_log_flops():
@@ -81,6 +93,7 @@ ppl_windows: 2
     assert (str(big), "recent 0.5") in settings
     assert all(row["flops_per_doc"] > 0 for row in summary["rows"])
     assert {p["vs"] for p in summary["paired"]} >= {"recent", "dense"}
+    assert [p["vs"] for p in summary["pooled"]] == list(dict.fromkeys(p["vs"] for p in summary["paired"]))
     # perplexity, paired over windows: the windows' mean NLLs average to the row's NLL, and the paired
     # difference is the mean of the per-window differences
     ppl = {(r["model"], r["setting"], r["context"]): r for r in summary["perplexity"]}

@@ -226,8 +226,10 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     write_tables(rows, out / "compare")
     if ppl_rows:
         write_tables(table_rows(ppl_rows), out / "perplexity")
+    pooled = pooled_z(pairs)
     if pairs:
         write_tables(pairs, out / "paired")
+        write_tables(pooled, out / "pooled")
     figures = {}
     if rows:
         plot_flops_accuracy(rows, out / "flops_accuracy.png")
@@ -236,6 +238,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
         plot_ppl_context(ppl_rows, out / "ppl_context.png")
         figures["ppl_context"] = "ppl_context.png"
     summary = {"spec": dataclasses.asdict(spec), "rows": rows, "perplexity": ppl_rows, "paired": pairs,
+               "pooled": pooled,
                "figures": figures, "elapsed_s": time.time() - started,
                "provenance": provenance(seed=spec.seed, device=str(device))}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -299,4 +302,16 @@ def paired_ppl_rows(ppl_rows: list[dict], subject: str = "simba") -> list[dict]:
             mean, se = paired([-x for x in r["window_nll"]], [-x for x in r2["window_nll"]])
             out.append({"model": model, "setting": setting, "task": f"ppl@{context}", "per_doc": "loglik/token",
                         "vs": other.split()[0], "diff": mean, "stderr": se, "docs": len(r["window_nll"])})
+    return out
+
+
+def pooled_z(pairs: list[dict]) -> list[dict]:
+    """One line per baseline: the paired differences against it (every model, keep and task, in their own
+    units) pooled as Stouffer's z = sum(diff / stderr) / sqrt(n); positive means the subject is better.
+    A comparison whose documents all agree (stderr 0) counts as z = 0."""
+    out = []
+    for vs in dict.fromkeys(p["vs"] for p in pairs):
+        zs = [p["diff"] / p["stderr"] if p["stderr"] > 0 else 0.0 for p in pairs if p["vs"] == vs]
+        out.append({"vs": vs, "comparisons": len(zs), "z": sum(zs) / math.sqrt(len(zs)),
+                    "better": sum(z > 0 for z in zs), "worse": sum(z < 0 for z in zs)})
     return out
