@@ -92,16 +92,21 @@ def test_dropout_acts_in_training_only_and_leaves_the_model_plain():
     assert set(model.state_dict()) == keys and len(handles) == 1 + len(model.layers)
 
 
-def test_two_gloo_processes_equal_one(data_file, tmp_path):
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+def test_two_gloo_processes_equal_one(data_file, tmp_path, pruned):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(data_file, steps=6).to_yaml())
+    r = tiny_recipe(data_file, steps=6)
+    if pruned:  # Simba active in training: each process prunes its own sequences, the loss covers every position
+        r = recipe_from_dict({**yaml.safe_load(r.to_yaml()), "prune": {"final_keep": 0.5, "loss_on": "all"}})
+    recipe.write_text(r.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
                           "--out", str(tmp_path / "one"), "--quiet"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
-                          "--out", str(tmp_path / "two"), "--quiet"], env=env, capture_output=True, text=True)
+                          "--master_port", str(29517 + pruned), "-m", "simba_cli.cli", "finetune",
+                          "--recipe", str(recipe), "--out", str(tmp_path / "two"), "--quiet"],
+                         env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a = load_checkpoint(tmp_path / "one" / "model").state_dict()
     b = load_checkpoint(tmp_path / "two" / "model").state_dict()
@@ -123,6 +128,10 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     loaded, config = load_any(str(tmp_path / "ft" / "model"))
     assert config is not None and config.final_keep == 0.5  # the fine-tuned model remembers its pruning
     assert yaml.safe_load((tmp_path / "ft" / "model" / "simba.yaml").read_text())["base"] == "."
+    # resuming with the same recipe (no prune section: the artifact's pruning applies) is accepted
+    again = tiny_recipe(data_file, steps=3)
+    again.model = None
+    assert loop.finetune(again, tmp_path / "ft", init_from=str(tmp_path / "p"), resume=True, progress=False)["pruned"]
 
 
 @pytest.mark.parametrize("change, words", [
@@ -143,13 +152,53 @@ def test_bad_recipes_are_one_line_errors(data_file, tmp_path, change, words):
 
 
 def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
+    """... and they leave an earlier run in --out alone, even with --overwrite."""
     (tmp_path / "r.yaml").write_text(tiny_recipe(data_file).to_yaml())
     (tmp_path / "empty").mkdir()
-    for data, words in [(tmp_path / "nope.txt", ["does not exist"]), (tmp_path / "empty", ["no text"])]:
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "unterminated\n')
+    (tmp_path / "tiny.txt").write_text("one line only\n")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "earlier.json").write_text("{}")
+    for data, words in [(tmp_path / "nope.txt", ["does not exist"]), (tmp_path / "empty", ["no text"]),
+                        (tmp_path / "empty.jsonl", ["empty"]), (tmp_path / "broken.jsonl", ["cannot read"]),
+                        (tmp_path / "tiny.txt", ["too small"])]:
         r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--data", str(data),
                                      "--out", str(tmp_path / "o"), "--overwrite"])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-        assert all(w in r.output for w in words)
+        assert all(w in r.output for w in words), r.output
+        assert (tmp_path / "o" / "earlier.json").is_file()
+
+
+def test_a_recipe_that_is_not_a_mapping_is_a_one_line_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("- just\n- a list\n")
+    r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "mapping" in r.output, r.output
+
+
+def test_data_without_splits_is_split_deterministically_and_held_out(tmp_path):
+    from simba_cli.train.corpus import SPLITS, load_texts
+
+    # one file: cut at line boundaries into 90% train, then 5% validation, then 5% evaluation
+    text = "".join(f"line {i} of the only document\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    parts = {s: load_texts(str(tmp_path / "one.txt"), s) for s in SPLITS}
+    assert parts["train"][0] + parts["validation"][0] + parts["evaluation"][0] == text
+    assert all(p[0].endswith("\n") for p in parts.values())  # whole lines
+    assert 0.04 < len(parts["validation"][0]) / len(text) < 0.06
+    # many documents: whole documents, 5% each held out, the same ones every time
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"{i:02d}.txt").write_text(f"document {i}\n" * 5)
+    parts = {s: load_texts(str(folder), s) for s in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [36, 2, 2]
+    assert sorted(sum(parts.values(), [])) == sorted((folder / f"{i:02d}.txt").read_text() for i in range(40))
+    assert load_texts(str(folder), "validation") == parts["validation"]
+    # records: one JSON object per line, the recipe's text field
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"body": f"record {i}", "id": i}) + "\n" for i in range(20)))
+    assert len(load_texts(str(records), "train", "body")) == 18 and load_texts(str(records), "evaluation", "body")
 
 
 def test_the_zoo_is_a_ladder_of_about_2x_steps_and_larger_is_better():

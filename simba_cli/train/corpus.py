@@ -28,6 +28,10 @@ from simba_cli.errors import UserError
 
 SPLITS = ("train", "validation", "evaluation")
 SHAKESPEARE = "shakespeare"
+# A user's data without splits of its own: this share of it is held out for validation, the same again
+# for evaluation; by whole documents when there are at least _SPLIT_BY_DOCUMENT of them.
+HELD_OUT = 0.05
+_SPLIT_BY_DOCUMENT = 20
 # Buckets of a play name's hash out of 100; of the 38 plays this gives 28 train, 5 validation, 5 evaluation.
 _VALIDATION_BELOW, _EVALUATION_BELOW = 8, 18
 
@@ -89,15 +93,20 @@ def shakespeare(split: str) -> dict[str, str]:
 
 
 def load_texts(source: str, split: str = "train", text_field: str = "text") -> list[str]:
-    """Documents from `source`:
+    """Documents of one split of `source`:
 
-    shakespeare          the embedded corpus (the split applies)
+    shakespeare          the embedded corpus, split by whole plays
     a .txt/.md file      one document
     a directory          every .txt and .md file in it, recursively, sorted
     a .jsonl/.json/.parquet file, or a dataset saved with `datasets` (save_to_disk):
                          the `text_field` column
     hf:NAME[:CONFIG]     a `datasets` hub dataset (its `split` split; needs the hub or its cache)
+
+    A saved DatasetDict and a hub dataset bring their own splits; every other source is split by
+    `held_out` (5% validation, 5% evaluation), so held-out perplexity is never measured on training text.
     """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if source == SHAKESPEARE:
         return list(shakespeare(split).values())
     if source.startswith("hf:"):
@@ -105,7 +114,7 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data path {source} does not exist; give a file, a directory, 'shakespeare' or hf:NAME")
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         return _saved_dataset(path, split, text_field)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
@@ -117,12 +126,46 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"data path {source} holds no text (no non-empty .txt/.md files or records)")
-    return docs
+    part = held_out(docs, split)
+    if not part:
+        raise UserError(f"data path {source} is too small to hold out a {split} split ({HELD_OUT:.0%} of it); "
+                        f"give more text")
+    return part
+
+
+def held_out(docs: list[str], split: str) -> list[str]:
+    """One split of documents that have none, deterministically.
+
+    With at least 20 documents, whole documents: ranked by a hash of their text, the first 5% are
+    validation, the next 5% evaluation, the rest train (kept in their original order). With fewer (a
+    single file, say), every document is cut at line boundaries: its first 90% is train, then 5%
+    validation, then 5% evaluation.
+    """
+    if len(docs) >= _SPLIT_BY_DOCUMENT:
+        order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].encode()).hexdigest())
+        k = max(1, round(HELD_OUT * len(docs)))
+        chosen = {"validation": order[:k], "evaluation": order[k:2 * k], "train": order[2 * k:]}[split]
+        return [docs[i] for i in sorted(chosen)]
+    out = []
+    for doc in docs:
+        a, b = _cut(doc, 1 - 2 * HELD_OUT), _cut(doc, 1 - HELD_OUT)
+        piece = {"train": doc[:a], "validation": doc[a:b], "evaluation": doc[b:]}[split]
+        if piece.strip():
+            out.append(piece)
+    return out
+
+
+def _cut(text: str, share: float) -> int:
+    """The offset just after the first line break at or after share * len(text) (or that point itself)."""
+    i = int(len(text) * share)
+    j = text.find("\n", i)
+    return i if j < 0 else j + 1
 
 
 def _column(ds, text_field: str, where: str) -> list[str]:
     if text_field not in ds.column_names:
-        raise UserError(f"{where} has no column {text_field!r} (columns: {ds.column_names}); pass --text-field")
+        raise UserError(f"{where} has no column {text_field!r} (columns: {ds.column_names}); "
+                        f"set data.text_field in the recipe")
     docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not docs:
         raise UserError(f"{where} is empty: no non-empty {text_field!r} records")
@@ -130,11 +173,41 @@ def _column(ds, text_field: str, where: str) -> list[str]:
 
 
 def _data_file(path: Path, text_field: str) -> list[str]:
+    if path.stat().st_size == 0:
+        raise UserError(f"data path {path} is empty: no records")
+    if path.suffix == ".jsonl":
+        return _jsonl(path, text_field)
     import datasets
 
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[path.suffix]
-    ds = datasets.load_dataset(kind, data_files=str(path.resolve()), split="train")
+    kind = {".json": "json", ".parquet": "parquet"}[path.suffix]
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path.resolve()), split="train")
+    except Exception as e:  # datasets' own errors for malformed files are long and vary by version
+        raise UserError(f"cannot read {path} as {kind} records ({type(e).__name__}); give a list of objects "
+                        f"with a {text_field!r} field, or a parquet table with that column") from e
     return _column(ds, text_field, str(path))
+
+
+def _jsonl(path: Path, text_field: str) -> list[str]:
+    import json
+
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"cannot read {path} line {n} as JSON ({e.msg}); give one JSON object per line") from e
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{path} line {n} has no field {text_field!r}; set data.text_field in the recipe")
+            if isinstance(record[text_field], str) and record[text_field].strip():
+                docs.append(record[text_field])
+    if not docs:
+        raise UserError(f"{path} is empty: no non-empty {text_field!r} records")
+    return docs
 
 
 def _saved_dataset(path: Path, split: str, text_field: str) -> list[str]:

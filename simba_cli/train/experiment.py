@@ -31,7 +31,7 @@ def held_out_ppl(model_ref: str, recipe) -> dict:
     from simba_cli.train.data import eval_windows, tokenize_documents
 
     loaded, _ = load_any(model_ref)
-    stream = tokenize_documents(loaded.tokenizer, load_texts(recipe.data.source, "validation"))
+    stream = tokenize_documents(loaded.tokenizer, load_texts(recipe.data.source, "validation", recipe.data.text_field))
     windows = eval_windows(stream, recipe.data.seq_len, recipe.data.val_tokens)
     out = {}
     for label, prune in (("dense", None), ("pruned", recipe.prune)):

@@ -124,6 +124,18 @@ class LossFn:
         return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten()), tgt.numel()
 
 
+class Objective(torch.nn.Module):
+    """The training loss as a module, so that DistributedDataParallel wraps the whole computation, the
+    pruned forward included, and synchronises its gradients."""
+
+    def __init__(self, model: MambaLM, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)[0]
+
+
 @torch.no_grad()
 def add_dropout(model: MambaLM, p: float) -> list:
     """Dropout on the embeddings and on every mixer's output, in train mode only (GPT-2's embedding and
@@ -198,21 +210,21 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     dd = _setup_distributed(device)
     if recipe.train.batch_size % dd.world:
         raise UserError(f"train.batch_size {recipe.train.batch_size} is not divisible by {dd.world} processes")
+    # everything that can fail on bad input runs before --out is touched (--overwrite deletes the old run)
+    torch.manual_seed(recipe.train.seed)
+    model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
+    if artifact_prune is not None and recipe.prune is None:
+        recipe.prune = prune_spec(artifact_prune)
+    loss_fn = LossFn(recipe)
+    train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
+    val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
+    val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
     if resume and (out / "recipe.yaml").is_file():
         saved = load_recipe(out / "recipe.yaml")
         if saved.to_dict() != recipe.to_dict():
             raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
     _prepare_out(out, resume, overwrite, dd.main)
-    torch.manual_seed(recipe.train.seed)
-
-    model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
-    if artifact_prune is not None and recipe.prune is None:
-        recipe.prune = prune_spec(artifact_prune)
     add_dropout(model, recipe.train.dropout)
-    loss_fn = LossFn(recipe)
-    train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
-    val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
-    val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
     sampler = BatchSampler(train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed)
     optimizer = _optimizer(model, recipe)
     step, elapsed, tokens_seen = 0, 0.0, 0
@@ -222,12 +234,14 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
         if dd.main:
             _truncate_log(out / "train_log.jsonl", step)
-    train_model = model
+    objective = Objective(model, loss_fn)
     if dd.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
     use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
@@ -247,8 +261,9 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     def checkpoint_now():
         if dd.main:
             ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                            "elapsed": elapsed, "tokens_seen": tokens_seen})
+                            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "step": step, "elapsed": elapsed, "tokens_seen": tokens_seen})
 
     from simba_cli.report.progress import Bar
 
@@ -264,7 +279,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
                 group["lr"] = lr_at(step, recipe)
             batch = sampler.next(dd.rank, dd.world).to(device)
             with autocast():
-                loss, _ = loss_fn(train_model, batch)
+                loss = objective(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.optim.grad_clip > 0:

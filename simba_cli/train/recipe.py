@@ -182,6 +182,8 @@ def _convert(tp, value, where: str):
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping of sections (name, model, data, ...), got {type(raw).__name__}")
     raw = dict(raw)
     raw.setdefault("name", where)
     return _build(Recipe, raw, where)
