@@ -131,9 +131,12 @@ def flops_report_cmd(
             rows.append(summary_row(name, cfg, config, seq_len, head))
             if per_layer and config is not DENSE:
                 layers += layer_rows(name, cfg, config, seq_len, head)
-    _emit(rows, format, title=f"FLOPs per {seq_len}-token sequence (logits at {head} positions)")
-    if per_layer:
-        _emit(layers, format, title="per layer")
+    if format == "json" and per_layer:  # one JSON document on stdout
+        typer.echo(json.dumps({"models": rows, "layers": layers}, indent=2))
+    else:
+        _emit(rows, format, title=f"FLOPs per {seq_len}-token sequence (logits at {head} positions)")
+        if per_layer:
+            _emit(layers, format, title="per layer")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_tables(rows, out / "flops")

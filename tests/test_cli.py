@@ -57,6 +57,8 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
     (["--schedule", "zigzag"], ["zigzag", "linear"]),
     (["--criterion", "oracle"], ["oracle", "simba"]),
     (["--first-layer", "0"], ["first_layer"]),
+    (["--seq-len", "1"], ["too short", "at least 2"]),
+    (["--seq-len", "0"], ["too short"]),
 ])
 def test_prune_rejects_bad_settings(model_dir, tmp_path, args, words):
     one_line_error(run("prune", model_dir, "--out", tmp_path / "x", *args), *words)
@@ -85,6 +87,11 @@ def test_flops_report_per_layer_and_files(tmp_path):
     layers = json.loads((tmp_path / "layers.json").read_text())
     assert [x["tokens_in"] for x in layers][:2] == [100, 97] and layers[-1]["tokens_in"] == 10
     assert (tmp_path / "flops.md").is_file() and (tmp_path / "flops.csv").is_file()
+    # --format json prints one document, per-layer rows included
+    doc = json.loads(run("flops-report", "mamba-130m", "--per-layer", "--format", "json", "--seq-len", 100).output)
+    assert [x["model"] for x in doc["models"]] == ["mamba-130m"] * 2 and doc["layers"] == layers
+    for bad in (0, -5):
+        one_line_error(run("flops-report", "mamba-130m", "--seq-len", bad), "--seq-len")
 
 
 def test_flops_match_finds_the_largest_final_keep_within_the_target():
@@ -101,3 +108,8 @@ def test_flops_match_says_when_no_value_can():
     r = run("flops-match", "mamba-370m", "--target", "mamba-130m", "--seq-len", 2048)
     assert r.exit_code == 1
     assert "no final_keep can match" in r.output and "1.65x" in r.output
+    # the hint it gives is true: with a constant schedule some final_keep matches
+    assert "it can with --schedule constant" in r.output and "--head last" not in r.output
+    assert run("flops-match", "mamba-370m", "--target", "mamba-130m", "--schedule", "constant").exit_code == 0
+    far = run("flops-match", "mamba-2.8b", "--target", "mamba-130m")
+    assert far.exit_code == 1 and "11.17x" in far.output and "no schedule can" in far.output

@@ -124,13 +124,16 @@ def test_unknown_criterion_and_short_sequences():
 
 # --- the pruned forward -------------------------------------------------------------------------------
 
-def dense_on_gathered(model, ids, kept):
-    """Reference: run each dense block on the gathered sequence the trace says it saw; exits by hand."""
+def dense_on_gathered(model, ids, kept, criterion="random", forced=()):
+    """Reference: run each dense block on the gathered sequence the trace says it saw; exits by hand.
+    For `simba` and `recent` it also checks the trace's choice of tokens for the next layer: the forced
+    positions (protected, and the last token) plus the best of the rest, by the float64 brute-force-checked
+    reference score on this very layer, or by recency."""
     hidden, residual = model.embed(ids[None]), None
     final = {}
     for i, block in enumerate(model.layers):
         cur = kept[i]
-        out, residual = block(hidden, residual)
+        out, residual = block(hidden, residual, keep_scan_inputs=True)
         hidden = out.out
         stream = hidden + residual
         nxt = kept[i + 1] if i + 1 < len(kept) else torch.tensor([], dtype=torch.long)
@@ -138,9 +141,25 @@ def dense_on_gathered(model, ids, kept):
             if i + 1 == len(kept) or p not in nxt.tolist():
                 final[p] = stream[0, j]
         if i + 1 < len(kept):
+            check_choice(criterion, out.scan, cur.tolist(), set(nxt.tolist()), set(forced))
             local = torch.tensor([cur.tolist().index(p) for p in nxt.tolist()])
             hidden, residual = hidden[:, local], residual[:, local]
     return model.logits_from_stream(torch.stack([final[p] for p in sorted(final)]))
+
+
+def check_choice(criterion, scan, cur: list[int], chosen: set[int], forced: set[int]):
+    forced = forced & set(cur)
+    assert forced <= chosen
+    rest = [j for j, p in enumerate(cur) if p not in forced]
+    picked = [j for j in rest if cur[j] in chosen]
+    dropped = [j for j in rest if cur[j] not in chosen]
+    if criterion == "recent":
+        assert not picked or not dropped or min(picked) > max(dropped)
+    elif criterion == "simba" and picked and dropped:
+        f64 = lambda x: x.double()
+        score = simba_score_reference(f64(scan.u), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
+                                      torch.tensor([len(cur) - 1]))[0]
+        assert score[picked].min() >= score[dropped].max() - 1e-5 * score.abs().max()
 
 
 @pytest.mark.parametrize("criterion", ["simba", "recent", "random"])
@@ -162,7 +181,7 @@ def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion):
                 assert all(3 in k.tolist() for k in kept), "protected positions are never pruned"
             assert [len(k) for k in kept] == out.tokens_per_layer[:, b].tolist()
             assert len(kept[-1]) < len(kept[0])
-            ref = dense_on_gathered(model, ids[b, :n], kept)
+            ref = dense_on_gathered(model, ids[b, :n], kept, criterion, forced=[n - 1] + ([3] if b == 0 else []))
             torch.testing.assert_close(out.logits[b, :n], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -232,6 +251,20 @@ def test_flops_of_official_configs_by_hand():
     # + 2*160*5120 = 1,638,400 + 9*5120*16 = 737,280 + 26,214,400 = 83,036,160 per layer, x 64.
     # Head: 4*2560 + 2*2560*50280 = 257,443,840.
     assert dense_flops_per_token(OFFICIAL["mamba-2.8b"]) == 64 * 83_036_160 + 257_443_840
+
+
+def test_pruned_flops_of_mamba_130m_by_hand():
+    """Linear to 0.1 from layer 1 at L = 2048: layer l sees ceil(2048 (1 - 0.9 l / 23)) tokens,
+    2048, 1968, ..., 285, 205 (27,045 in all). The Simba criterion runs on layers 0-22 (26,840 tokens) at
+    4 D N + 4 D = 4*1536*16 + 4*1536 = 104,448 FLOPs per token; logits at all 2048 positions."""
+    from simba_cli.models.config import OFFICIAL
+    from simba_cli.simba.flops_tables import flops
+
+    count = flops(OFFICIAL["mamba-130m"], PruneConfig(), 2048)
+    assert count.tokens_in[:3] == [2048, 1968, 1888] and count.tokens_in[-2:] == [285, 205]
+    assert sum(count.criterion) == 26_840 * 104_448
+    assert count.total == 27_045 * 7_707_648 + 26_840 * 104_448 + 2048 * 77_233_152  # 369,430,219,776
+    assert flops(OFFICIAL["mamba-130m"], PruneConfig(), 2048, head="last").head == 77_233_152
 
 
 def test_measured_flops_equal_analytic():

@@ -27,7 +27,7 @@ from simba_cli.models.hub import resolve
 from simba_cli.provenance import provenance
 from simba_cli.report.tables import write_atomic
 from simba_cli.simba.flops import analytic
-from simba_cli.simba.pruned import PruneConfig
+from simba_cli.simba.pruned import PruneConfig, check_seq_len
 
 FILENAME = "simba.yaml"
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ def is_artifact(ref: str | Path) -> bool:
 
 def describe_flops(cfg: MambaConfig, config: PruneConfig, seq_len: int) -> dict:
     """The analytic FLOPs of one sequence of `seq_len` tokens, dense and pruned, logits at every position."""
+    check_seq_len(config, cfg.n_layer, seq_len)
     dense = analytic(cfg, seq_len)
     pruned = analytic(cfg, seq_len, config.keep_ratios(cfg.n_layer), config.criterion)
     return {

@@ -3,10 +3,12 @@
 A model is named by an official size (mamba-130m, state-spaces/mamba-370m, ...-hf: the config is
 built in), a zoo name, a local directory or a pruned artifact; only its config is read.
 
-Matching: a pruned model's FLOPs are a non-decreasing step function of final_keep (token counts are
-ceil(r_l L)), so bisection finds the largest final_keep whose FLOPs do not exceed the target. When even
-the smallest useful final_keep (one token in the last layer) costs more, no value can match, and the
-result says how close it gets.
+Matching: a pruned model's FLOPs are a step function of final_keep (token counts are ceil(r_l L)) that
+rises with it, up to small dips where the criterion's own cost appears or vanishes (it runs only on a
+layer whose successor sees fewer tokens). Bisection finds a final_keep within the target at the
+resolution of those steps; it may sit one step below the largest such value. When even the smallest
+useful final_keep (one token in the last layer) costs more, no value can match: the result says how
+close it gets and which other option would reach the target.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from simba_cli.models.checkpoint import read_config
 from simba_cli.models.config import MambaConfig, official_config
 from simba_cli.models.hub import resolve
 from simba_cli.simba.flops import analytic
-from simba_cli.simba.pruned import DENSE, PruneConfig
+from simba_cli.simba.pruned import DENSE, PruneConfig, check_seq_len
 from simba_cli.simba.schedule import mean_keep
 
 
@@ -39,6 +41,10 @@ def flops(cfg: MambaConfig, config: PruneConfig, seq_len: int, head: str = "all"
     """Analytic FLOPs of one sequence. head: logits at "all" positions (perplexity) or the "last" one."""
     if head not in ("all", "last"):
         raise UserError(f"head must be all or last, got {head!r}")
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be a positive number of tokens, got {seq_len}")
+    if config.schedule != "none":
+        check_seq_len(config, cfg.n_layer, seq_len)
     ratios = None if config.schedule == "none" else config.keep_ratios(cfg.n_layer)
     return analytic(cfg, seq_len, ratios, config.criterion, head_positions=seq_len if head == "all" else 1)
 
@@ -73,6 +79,7 @@ class Match:
     final_keep: float | None  # the largest final_keep within the target (None if unreachable)
     flops: int  # of the big model at that final_keep (at the smallest one if unreachable)
     config: PruneConfig | None
+    hints: list[str] = dataclasses.field(default_factory=list)  # changes that would make it reachable
 
     @property
     def ratio(self) -> float:
@@ -86,7 +93,8 @@ class Match:
         return (f"no final_keep can match: {self.big} costs at least {self.flops / 1e9:.4g} GFLOPs per "
                 f"{self.seq_len}-token sequence ({self.ratio:.2f}x {self.target} dense, "
                 f"{self.target_flops / 1e9:.4g} GFLOPs) even keeping one token at the last layer; "
-                f"try --head last, an earlier --first-layer, or another --schedule")
+                + (f"it can with {' or '.join(self.hints)}" if self.hints else
+                   "no schedule can: compare with a larger target"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -112,7 +120,8 @@ def match_final_keep(big: str, target: str, seq_len: int = 2048, base: PruneConf
     cost = lambda k: flops(big_cfg, with_keep(k), seq_len, head).total
     lo = 1.0 / seq_len  # one token at the last layer: anything smaller is the same schedule
     if cost(lo) > goal:
-        return Match(big, target, seq_len, head, goal, dense, False, None, cost(lo), None)
+        return Match(big, target, seq_len, head, goal, dense, False, None, cost(lo), None,
+                     _reachable_with(big_cfg, target_cfg, base, seq_len, head))
     if cost(1.0) <= goal:
         return Match(big, target, seq_len, head, goal, dense, True, 1.0, cost(1.0), with_keep(1.0))
     hi = 1.0
@@ -123,3 +132,19 @@ def match_final_keep(big: str, target: str, seq_len: int = 2048, base: PruneConf
         else:
             hi = mid
     return Match(big, target, seq_len, head, goal, dense, True, lo, cost(lo), with_keep(lo))
+
+
+def _reachable_with(big_cfg: MambaConfig, target_cfg: MambaConfig, base: PruneConfig, seq_len: int,
+                    head: str) -> list[str]:
+    """The options of `flops-match` that would let some final_keep reach the target, each tried alone."""
+    tries = []
+    if head == "all":
+        tries.append(("--head last", base, "last"))
+    if base.first_layer > 1:
+        tries.append(("--first-layer 1", dataclasses.replace(base, first_layer=1), head))
+    if base.schedule != "constant":
+        tries.append(("--schedule constant", dataclasses.replace(base, schedule="constant"), head))
+    lo = 1.0 / seq_len
+    return [flag for flag, config, h in tries
+            if flops(big_cfg, dataclasses.replace(config, final_keep=lo), seq_len, h).total
+            <= flops(target_cfg, DENSE, seq_len, h).total]
