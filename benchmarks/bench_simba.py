@@ -50,6 +50,9 @@ def main():
                "layer_s": layer_t, "criterion_s": score_t, "criterion_cost_share": score_t / layer_t}
     print(f"dense {dense_t:.2f} s, Simba {simba_t:.2f} s: {speedup:.2f}x for {flops_ratio:.2f}x fewer FLOPs "
           f"({speedup / flops_ratio:.0%}); criterion {score_t * 1e3:.1f} ms = {score_t / layer_t:.1%} of a layer")
+    ok = lambda good: "met" if good else "MISSED"
+    print(f"targets: speed-up >= 85% of the FLOPs ratio: {ok(speedup >= 0.85 * flops_ratio)}; "
+          f"criterion <= 10% of a dense layer: {ok(score_t <= 0.10 * layer_t)}")
     write("simba", figures)
 
 

@@ -26,7 +26,7 @@ def _simba_score_kernel(
     ABSOLUTE: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * L * D passes 2**31 at large batches
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     n = tl.arange(0, BLOCK_N)
     T = tl.load(last_ptr + pid_b)

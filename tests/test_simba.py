@@ -198,17 +198,31 @@ def test_schedule_none_is_the_dense_model_bit_for_bit():
         assert prot.positions[0].tolist() == list(range(12, 17))
 
 
-def test_each_sequence_of_a_padded_batch_equals_itself_alone():
+@pytest.mark.parametrize("criterion", ["simba", "random"])
+def test_each_sequence_of_a_padded_batch_equals_itself_alone(criterion):
     model = random_model(tiny_config(n_layer=4))
     ids = torch.randint(0, 64, (3, 26))
     lengths = torch.tensor([26, 11, 20])
-    cfg = PruneConfig(final_keep=0.3)
+    cfg = PruneConfig(final_keep=0.3, criterion=criterion)
     with torch.no_grad():
-        batched = pruned_forward(model, ids, cfg, lengths)
+        batched = pruned_forward(model, ids, cfg, lengths, trace=True)
         for b, n in enumerate(lengths.tolist()):
-            alone = pruned_forward(model, ids[b:b + 1, :n], cfg)
+            alone = pruned_forward(model, ids[b:b + 1, :n], cfg, trace=True)
             torch.testing.assert_close(batched.logits[b, :n], alone.logits[0], rtol=1e-4, atol=1e-4)
             assert batched.tokens_per_layer[:, b].tolist() == alone.tokens_per_layer[:, 0].tolist()
+            assert batched.kept[-1][b, :len(alone.kept[-1][0])].tolist() == alone.kept[-1][0].tolist()
+
+
+def test_random_draws_differ_between_sequences_and_seeds():
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        kept = lambda x, seed: pruned_forward(model, x, PruneConfig(final_keep=0.3, criterion="random", seed=seed),
+                                              trace=True).kept[-1][0].tolist()
+        first = kept(ids, 0)
+        assert kept(ids, 0) == first  # reproducible
+        assert kept(ids, 1) != first  # another seed, another draw
+        assert kept(torch.randint(0, 64, (1, 40)), 0) != first  # another sequence, another draw
 
 
 def test_protect_mode_scores_only_protected_positions():

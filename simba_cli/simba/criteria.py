@@ -15,7 +15,7 @@ S_t is a reverse exclusive cumulative sum and every exponent is <= 0 (A < 0, dt 
 parallel over t and stable.
 
 Baselines:
-    random       uniform random scores (seeded per layer)
+    random       uniform random scores, drawn per layer from the seed and each sequence's own tokens
     uniform      evenly spaced tokens (strided)
     recent       the most recent tokens (score = position)
     dt-norm      ||dt_t||_2 over channels (as DeciMamba)
@@ -24,6 +24,7 @@ Baselines:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class LayerView:
     keep: torch.Tensor  # (b,) how many tokens will be kept (used by `uniform`)
     layer: int
     seed: int = 0
+    row_seeds: list[int] | None = None  # per sequence, from its tokens (`random`: independent of batching)
 
 
 def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
@@ -102,6 +104,17 @@ def simba_score(scan: ScanInputs, lengths: torch.Tensor, variant: str = "simba")
                                  absolute, gate_T)
 
 
+def hash_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def sequence_seeds(input_ids: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+    """A seed per sequence from its real tokens, (b,) -> list of ints."""
+    ids = input_ids.cpu()
+    return [int.from_bytes(hashlib.blake2b(ids[i, :n].numpy().tobytes(), digest_size=8).digest(), "little") >> 1
+            for i, n in enumerate(lengths.tolist())]
+
+
 def uniform_scores(lengths: torch.Tensor, keep: torch.Tensor, l: int) -> torch.Tensor:
     """1 on `keep` evenly spaced positions of each sequence (always including its last), else 0."""
     scores = torch.zeros(lengths.shape[0], l, device=lengths.device)
@@ -119,8 +132,12 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
     if criterion.startswith("simba"):
         scores = simba_score(view.scan, lengths, criterion)
     elif criterion == "random":
-        gen = torch.Generator(device="cpu").manual_seed(view.seed * 100_003 + view.layer)
-        scores = torch.rand(b, l, generator=gen).to(device)
+        # A fresh draw per sequence and layer, fixed by the seed and the sequence's own tokens: the same
+        # document gets the same pattern in any batch, different documents (and training steps) differ.
+        gen = torch.Generator(device="cpu")
+        rows = view.row_seeds or [0] * b
+        scores = torch.stack([torch.rand(l, generator=gen.manual_seed(hash_seed(view.seed, view.layer, r)))
+                              for r in rows]).to(device)
     elif criterion == "uniform":
         scores = uniform_scores(lengths, view.keep, l)
     elif criterion == "recent":

@@ -26,7 +26,7 @@ import torch
 from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
 from simba_cli.models.mamba import MambaLM
-from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, check_criterion, score
+from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, check_criterion, score, sequence_seeds
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
 from simba_cli.simba.schedule import Schedule
 
@@ -146,6 +146,7 @@ def pruned_forward(model: MambaLM, input_ids: torch.Tensor, config: PruneConfig 
     ratios = config.keep_ratios(cfg.n_layer)
     keep = budgets(ratios, lengths, prot.sum(1))
     needs_scan = config.criterion in NEEDS_SCAN
+    row_seeds = sequence_seeds(input_ids, lengths) if config.criterion == "random" else None
 
     hidden, residual = model.embed(input_ids), None
     positions = pos_grid.expand(b, L)
@@ -169,7 +170,7 @@ def pruned_forward(model: MambaLM, input_ids: torch.Tensor, config: PruneConfig 
             ssm_states.append(out.ssm_state.float())
         if not prune_here:
             continue
-        view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed)
+        view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed, row_seeds)
         scores = score(config.criterion, view)
         crit_flops[-1] = count_criterion(cfg, config.criterion, n_tokens)
         idx, new_len = select(scores, cur_len, keep[i + 1], prot)
