@@ -1,4 +1,4 @@
-"""Long-context perplexity in the PG-19 protocol (DESIGN 1, claim 2).
+"""Long-context perplexity in the PG-19 protocol.
 
 For each context length L, windows of L tokens end at the same positions of a held-out token stream;
 the last K tokens of every window are scored (protected: never pruned, full-depth logits) and the

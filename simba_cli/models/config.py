@@ -1,6 +1,6 @@
 """The Mamba-1 architecture config, and its two on-disk spellings (mamba-ssm and Hugging Face).
 
-Glossary (code name -> paper symbol, DESIGN 1.1):
+Glossary (code name -> paper symbol):
     d_model   d        width of the residual stream
     n_layer   n        number of blocks
     d_inner   D = expand * d   channels of the SSM

@@ -6,7 +6,7 @@ Blocks are pre-norm with a separate residual stream, as mamba-ssm's `Block`:
 and the head reads norm_f(hidden + residual). Each block takes `lengths`, so a caller can run every
 block on its own (shorter, gathered) sequence: that is all the Simba core needs from the model.
 
-Mixer (DESIGN 1.1), shapes for hidden (b, l, d):
+Mixer, shapes for hidden (b, l, d):
     x, z   = in_proj(hidden).chunk(2)               (b, l, D) each, D = d_inner
     u      = silu(causal_conv1d(x))                 (b, l, D)
     dt_low, B, C = x_proj(u).split(R, N, N)

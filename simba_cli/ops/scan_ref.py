@@ -8,7 +8,7 @@ Shapes (token-major, the layout the whole package uses):
     delta_bias  : (D,)
     lengths     : (b,)           number of real tokens per sequence; later positions are padding
 
-Recurrence, per channel d and state n (DESIGN 1.1):
+Recurrence, per channel d and state n:
     dt_t = softplus(delta_t + delta_bias)          (if delta_softplus)
     h_t  = exp(dt_t A) * h_{t-1} + dt_t * B_t * u_t
     y_t  = C_t . h_t + D_skip * u_t

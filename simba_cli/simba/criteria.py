@@ -1,4 +1,4 @@
-"""Token-importance criteria: the Simba score and the baselines (DESIGN 1.2).
+"""Token-importance criteria: the Simba score and the baselines.
 
 Every criterion maps one layer's view of its current tokens to scores (b, l): higher is kept first;
 padding positions get -inf. The selection (top-k, protection, order) lives in `simba.pruned`.

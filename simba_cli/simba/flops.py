@@ -1,4 +1,4 @@
-"""FLOPs of a (pruned) Mamba forward, per layer and in total (DESIGN 1.5). 2 FLOPs per multiply-add.
+"""FLOPs of a (pruned) Mamba forward, per layer and in total. 2 FLOPs per multiply-add.
 
 Per token processed by a layer (d = d_model, D = d_inner, N = d_state, R = dt_rank, k = d_conv):
     norm      4 d            square, mean, scale, weight

@@ -1,4 +1,4 @@
-"""The Simba-pruned forward (DESIGN 1.3, 1.4): blocks run on shrinking, gathered sequences.
+"""The Simba-pruned forward: blocks run on shrinking, gathered sequences.
 
 Layer l runs on its current tokens, scores them from its own scan quantities, and keeps the top
 k_{l+1} = ceil(r_{l+1} L) of them, in their original order, for layer l + 1. A token dropped after

@@ -1,4 +1,4 @@
-"""Hierarchical keep schedules (DESIGN 1.3): the share r_l of the input tokens that enters each layer l.
+"""Hierarchical keep schedules: the share r_l of the input tokens that enters each layer l.
 
 Tokens only ever leave: r is non-increasing, r_0 = 1 (the first layer sees everything), and the layers
 before `first_layer` keep everything too. With f = first_layer and n layers:
