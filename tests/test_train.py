@@ -139,6 +139,8 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     ({"optim": {"lr": -1}}, ["optim.lr"]),
     ({"data": {"seq_len": "long"}}, ["data.seq_len"]),
     ({"prune": {"final_keep": 2}}, ["final_keep"]),
+    ({"prune": {"criterion": "oracle"}}, ["prune section", "oracle"]),
+    ({"prune": {"schedule": "zigzag"}}, ["prune section", "zigzag"]),
 ])
 def test_bad_recipes_are_one_line_errors(data_file, tmp_path, change, words):
     raw = yaml.safe_load(tiny_recipe(data_file).to_yaml())

@@ -105,7 +105,10 @@ class LossFn:
     def __init__(self, recipe: Recipe):
         self.prune = recipe.prune
         if self.prune is not None:
-            self.config = prune_config(self.prune)
+            try:
+                self.config = prune_config(self.prune)
+            except UserError as e:
+                raise UserError(f"recipe {recipe.name!r}, prune section: {e}") from e
 
     def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         inputs, targets = batch[:, :-1], batch[:, 1:]
