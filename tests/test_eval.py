@@ -143,3 +143,31 @@ def test_generate_command_with_a_pruned_prefill(hf_dir):
     assert r.exit_code == 0, r.output
     empty = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", ""])
     assert empty.exit_code == 2 and "prompt" in empty.output
+
+
+def test_few_shot_examples_are_the_same_in_every_run(hf_dir):
+    """Paired differences between settings need the same prompts: lm-eval's few-shot sampler is seeded."""
+    from simba_cli.eval.harness import run_tasks
+    from simba_cli.eval.lm import SimbaLM
+
+    lm = SimbaLM(pretrained=str(hf_dir), batch_size=4, device="cpu")
+    prompts = []
+    for _ in range(2):
+        r = run_tasks(lm, ["simba_choice"], limit=2, num_fewshot=2, log_samples=True, bootstrap_iters=0)
+        prompts.append([a["arguments"] for a in r["samples"]["simba_choice"]])
+    assert prompts[0] == prompts[1]
+    zero = run_tasks(lm, ["simba_choice"], limit=2, num_fewshot=0, log_samples=True, bootstrap_iters=0)
+    bare = zero["samples"]["simba_choice"][0]["arguments"][0][0]
+    shot = prompts[0][0][0][0]
+    assert shot.endswith(bare) and len(shot) > len(bare)  # the shots are really there, before the question
+
+
+def test_eval_checks_device_and_perplexity_settings_before_any_work(hf_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(["--device", "cuda"], "no CUDA device"), (["--device", "tpu7"], "unknown device"),
+             (["--batch-size", "0"], "batch_size"),
+             (["--ppl-contexts", "32", "--ppl-score-last", "64"], "--ppl-score-last 64")]
+    for args, words in cases:
+        r = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "simba_choice", "--limit", "2", *args])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and words in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output

@@ -72,6 +72,12 @@ class CompareSpec:
             PruneConfig(schedule=self.schedule, final_keep=k)  # validates
         if self.limit is not None and self.limit < 2:
             raise UserError("limit must be at least 2 (standard errors need two documents)")
+        if self.ppl_contexts:
+            from simba_cli.eval.perplexity import check_ppl_args
+
+            check_ppl_args(self.ppl_contexts, self.ppl_score_last, self.ppl_windows)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
 
     @classmethod
     def from_yaml(cls, path: Path) -> CompareSpec:
@@ -169,7 +175,9 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
             raise UserError(f"--resume with settings that differ from {out}/compare.yaml; resume with those")
     write_atomic(out / "compare.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     torch.manual_seed(spec.seed)
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from simba_cli.models.loading import resolve_device
+
+    device = str(resolve_device(spec.device))
 
     from simba_cli.models import zoo
 

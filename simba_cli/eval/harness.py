@@ -67,18 +67,29 @@ def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+FEWSHOT_SEED = 1234  # lm-eval's default
+
+
 def run_tasks(lm, tasks, limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False,
               bootstrap_iters: int = 1000) -> dict:
     """Evaluate `lm` (a SimbaLM) on `tasks` (a list of names, or task objects from `task_dict`)."""
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; callers show their own progress
+    import random
+
+    import numpy as np
     from lm_eval.evaluator import evaluate
 
     loaded = task_dict(tasks) if isinstance(tasks, list) else tasks
-    if num_fewshot is not None:
-        for task in loaded["tasks"].values():
+    for task in loaded["tasks"].values():
+        # the same few-shot examples in every run and every setting (paired differences need them), and
+        # lm-eval's rule: a task whose config fixes 0 shots keeps it
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
+    random.seed(0)  # as lm-eval's simple_evaluate
+    np.random.seed(FEWSHOT_SEED)
     before = lm.measured()
     results = evaluate(lm, loaded, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
                        verbosity="WARNING")
@@ -108,11 +119,21 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
                    ppl_contexts: list[int] | None = None, ppl_score_last: int = 64, ppl_windows: int = 16) -> dict:
     """`simba eval`: lm-eval tasks (each with its own measured FLOPs) and long-context perplexity."""
     from simba_cli.eval.lm import SimbaLM
+    from simba_cli.eval.perplexity import check_ppl_args
+    from simba_cli.models.loading import resolve_device
     from simba_cli.provenance import provenance
 
+    device = str(resolve_device(device))  # a missing CUDA device is an error here, not a silent CPU run
+    if ppl_contexts:  # before any task runs
+        check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
     lm = SimbaLM(pretrained=model, batch_size=batch_size, device=device, **(prune or {}))
     loaded = task_dict(tasks) if tasks else {"tasks": {}}
-    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.short(), "tasks": {}}
+    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.short(),
+               "settings": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": FEWSHOT_SEED,
+                            "batch_size": batch_size, "task_mode": "protect: logits at the continuation only",
+                            "ppl_contexts": ppl_contexts, "ppl_score_last": ppl_score_last,
+                            "ppl_windows": ppl_windows},
+               "tasks": {}}
     for name in loaded["tasks"]:
         r = run_tasks(lm, only(loaded, name), limit=limit, num_fewshot=num_fewshot)
         if not r:

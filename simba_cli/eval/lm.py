@@ -73,6 +73,8 @@ class SimbaLM(TemplateLM):
             start = PruneConfig() if given else DENSE  # any pruning argument means linear unless said otherwise
         self.config = dataclasses.replace(start, **{k: _cast(k, v) for k, v in given.items()})
         self.batch_size_per_gpu = _as_int(batch_size if batch_size != "auto" else 8, "batch_size")
+        if self.batch_size_per_gpu < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self._max_length = _as_int(max_length, "max_length")
         self.flops: FlopsCount | None = None
         self.forwards = 0
@@ -87,7 +89,9 @@ class SimbaLM(TemplateLM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             self._device = self.accelerator.device
         else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            from simba_cli.models.loading import resolve_device
+
+            self._device = resolve_device(device, fall_back=True)
 
     # --- what lm-eval asks of a model -------------------------------------------------------------------
     @property

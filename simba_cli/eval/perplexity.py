@@ -25,15 +25,25 @@ def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluatio
     return tokenize_documents(tokenizer, load_texts(source, split))
 
 
+def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
+    """The context lengths, sorted; a one-line error for settings that cannot run."""
+    contexts = sorted(int(c) for c in contexts)
+    if not contexts:
+        raise UserError("give at least one context length (--ppl-contexts 256,512,1024)")
+    if score_last < 1 or windows < 1:
+        raise UserError(f"--ppl-score-last and the number of windows must be positive, got {score_last}, {windows}")
+    if contexts[0] <= score_last:
+        raise UserError(f"every context length must exceed --ppl-score-last {score_last}; got {contexts[0]}")
+    return contexts
+
+
 @torch.no_grad()
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
                             device="cpu") -> list[dict]:
     """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, and
     each window's mean NLL per scored token (`window_nll`, in window order)."""
-    contexts = sorted(int(c) for c in contexts)
-    if contexts[0] <= score_last:
-        raise UserError(f"every context length must exceed --score-last {score_last}; got {contexts[0]}")
+    contexts = check_ppl_args(contexts, score_last, windows)
     longest = contexts[-1]
     if stream.numel() < longest + windows + 1:
         raise UserError(f"the held-out text has {stream.numel()} tokens, too few for {windows} windows of "

@@ -7,12 +7,34 @@ from pathlib import Path
 
 import torch
 
+from simba_cli.errors import UserError
 from simba_cli.models import hub
 from simba_cli.models.checkpoint import load_checkpoint, read_config
 from simba_cli.models.mamba import MambaLM
 from simba_cli.models.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None, fall_back: bool = False) -> torch.device:
+    """None or "auto": CUDA when available, else the CPU. A CUDA device on a machine without one is a
+    one-line error, or the CPU with a warning when `fall_back` (lm-eval asks for cuda:0 by default)."""
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device("cuda" if name == "gpu" else name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if fall_back:
+            import warnings
+
+            warnings.warn(f"device {name} asked for, but this torch has no CUDA device: running on the CPU",
+                          stacklevel=3)
+            return torch.device("cpu")
+        raise UserError(f"device {name} asked for, but this torch has no CUDA device; use --device cpu")
+    return dev
 
 
 @dataclass

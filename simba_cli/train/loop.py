@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.models.config import MambaConfig
+from simba_cli.models.loading import resolve_device
 from simba_cli.models.mamba import MambaLM
 from simba_cli.provenance import provenance
 from simba_cli.simba.flops import dense_flops_per_token
@@ -209,7 +210,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dd = _setup_distributed(device)
     if recipe.train.batch_size % dd.world:
         raise UserError(f"train.batch_size {recipe.train.batch_size} is not divisible by {dd.world} processes")
