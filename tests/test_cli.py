@@ -49,6 +49,11 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
     # never overwritten without being asked
     one_line_error(run("prune", model_dir, "--out", out), "--overwrite")
     assert run("prune", model_dir, "--out", out, "--overwrite", "--final-keep", 0.5).exit_code == 0
+    # protect mode: logits at the last position only, as flops-report --head last
+    assert run("prune", model_dir, "--out", out, "--overwrite", "--mode", "protect", "--seq-len", 64).exit_code == 0
+    body = yaml.safe_load((out / "simba.yaml").read_text())
+    want = analytic(model_config(str(model_dir))[0], 64, PruneConfig().keep_ratios(4), "simba", head_positions=1)
+    assert body["flops"]["pruned"] == want.total and body["flops"]["logits_at"] == "last"
 
 
 @pytest.mark.parametrize("args, words", [

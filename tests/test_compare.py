@@ -112,6 +112,11 @@ ppl_windows: 2
     # the results are never overwritten without --overwrite; --resume reuses every finished part
     again = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--quiet"])
     assert again.exit_code == 2 and "--overwrite" in again.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's own file")
+    other = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(tmp_path / "mine"),
+                                     "--overwrite", "--quiet"])
+    assert other.exit_code == 2 and "no compare wrote" in other.output and (tmp_path / "mine" / "notes.txt").exists()
     parts = sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir())
     resumed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output

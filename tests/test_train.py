@@ -125,6 +125,8 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     cont.model = None
     metrics = loop.finetune(cont, tmp_path / "ft", init_from=str(tmp_path / "p"), progress=False)
     assert metrics["pruned"] and math.isfinite(metrics["val_ppl"])
+    assert metrics["keep_ratios"][-1] == pytest.approx(0.5, abs=0.04)  # 2 layers, linear to 0.5, 32 tokens
+    assert metrics["pruned_flops_per_token"] < metrics["flops_per_token"]
     loaded, config = load_any(str(tmp_path / "ft" / "model"))
     assert config is not None and config.final_keep == 0.5  # the fine-tuned model remembers its pruning
     assert yaml.safe_load((tmp_path / "ft" / "model" / "simba.yaml").read_text())["base"] == "."
@@ -161,7 +163,7 @@ def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "unterminated\n')
     (tmp_path / "tiny.txt").write_text("one line only\n")
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "earlier.json").write_text("{}")
+    (tmp_path / "o" / "run.json").write_text("{}")
     for data, words in [(tmp_path / "nope.txt", ["does not exist"]), (tmp_path / "empty", ["no text"]),
                         (tmp_path / "empty.jsonl", ["empty"]), (tmp_path / "broken.jsonl", ["cannot read"]),
                         (tmp_path / "tiny.txt", ["too small"])]:
@@ -169,7 +171,17 @@ def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
                                      "--out", str(tmp_path / "o"), "--overwrite"])
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert all(w in r.output for w in words), r.output
-        assert (tmp_path / "o" / "earlier.json").is_file()
+        assert (tmp_path / "o" / "run.json").is_file()
+
+
+def test_overwrite_replaces_only_a_run(data_file, tmp_path):
+    (tmp_path / "r.yaml").write_text(tiny_recipe(data_file, steps=2).to_yaml())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's own file")
+    r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "mine"),
+                                 "--overwrite"])
+    assert r.exit_code == 2 and "no finetune wrote" in r.output, r.output
+    assert (tmp_path / "mine" / "notes.txt").is_file()
 
 
 def test_a_recipe_that_is_not_a_mapping_is_a_one_line_error(tmp_path):

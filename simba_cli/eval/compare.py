@@ -164,9 +164,11 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it or --resume to continue")
-    if overwrite and out.exists() and not resume:
+    if overwrite and out.exists() and not resume and any(out.iterdir()):
         import shutil
 
+        if not (out / "compare.yaml").is_file():  # --overwrite replaces a compare run, nothing else
+            raise UserError(f"{out} holds files that no compare wrote (no compare.yaml); choose another --out")
         shutil.rmtree(out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if resume and (out / "compare.yaml").is_file():

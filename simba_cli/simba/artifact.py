@@ -38,12 +38,15 @@ def is_artifact(ref: str | Path) -> bool:
 
 
 def describe_flops(cfg: MambaConfig, config: PruneConfig, seq_len: int) -> dict:
-    """The analytic FLOPs of one sequence of `seq_len` tokens, dense and pruned, logits at every position."""
+    """The analytic FLOPs of one sequence of `seq_len` tokens, dense and pruned: logits at every position in
+    exit mode, at the last one in protect mode (as `flops-report --head last`)."""
     check_seq_len(config, cfg.n_layer, seq_len)
-    dense = analytic(cfg, seq_len)
-    pruned = analytic(cfg, seq_len, config.keep_ratios(cfg.n_layer), config.criterion)
+    heads = seq_len if config.mode == "exit" else 1
+    dense = analytic(cfg, seq_len, head_positions=heads)
+    pruned = analytic(cfg, seq_len, config.keep_ratios(cfg.n_layer), config.criterion, head_positions=heads)
     return {
         "seq_len": seq_len,
+        "logits_at": "all" if heads == seq_len else "last",
         "dense": dense.total,
         "pruned": pruned.total,
         "ratio": pruned.total / dense.total,

@@ -34,7 +34,8 @@ from simba_cli.models.config import MambaConfig
 from simba_cli.models.loading import resolve_device
 from simba_cli.models.mamba import MambaLM
 from simba_cli.provenance import provenance
-from simba_cli.simba.flops import dense_flops_per_token
+from simba_cli.report.tables import write_atomic
+from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.train import checkpoint as ckpt
 from simba_cli.train.bpe import cached_bpe
 from simba_cli.train.corpus import load_texts
@@ -176,6 +177,9 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, is_main: bool):
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if not any((out / name).exists() for name in ("recipe.yaml", "run.json", ckpt.CHECKPOINT)):
+            raise UserError(f"{out} holds files that no finetune wrote (no recipe.yaml or run.json); "
+                            f"choose another --out")
         if is_main:
             shutil.rmtree(out)
     if is_main:
@@ -250,11 +254,11 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     if dd.main and not resume:
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
+        write_atomic(out / "recipe.yaml", recipe.to_yaml())
         info = provenance(seed=recipe.train.seed, device=str(device), world_size=dd.world, init_from=init_from,
                           parameters=model.num_parameters(), model_config=model.cfg.to_dict(),
                           train_tokens=train_stream.numel(), val_tokens=int(val_windows[:, 1:].numel()))
-        (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     log = open(out / "train_log.jsonl", "a") if dd.main else None
 
     def write_log(record: dict):
@@ -318,8 +322,14 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
             "val_ppl": math.exp(val), "val_tokens": int(val_windows[:, 1:].numel()), "val_seq_len": recipe.data.seq_len,
             "pruned": recipe.prune is not None,
         }
+        if recipe.prune is not None:  # what a training (and held-out) forward of seq_len tokens costs, pruned
+            seq = recipe.data.seq_len
+            ratios = loss_fn.config.keep_ratios(model.cfg.n_layer)
+            heads = seq if recipe.prune.loss_on == "all" else min(seq, recipe.prune.protect_last)
+            count = analytic(model.cfg, seq, ratios, loss_fn.config.criterion, head_positions=heads)
+            metrics.update(pruned_flops_per_token=count.total / seq, keep_ratios=count.keep_ratios)
         _export(model, tokenizer, recipe, out, metrics)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: it marks a finished run
         from simba_cli.report.plots import plot_training
 
         plot_training(out / "train_log.jsonl", out / "loss.png", title=recipe.name)
