@@ -91,11 +91,20 @@ def test_generate_until_equals_lm_evals_hf_model_and_runs_pruned(hf_dir):
 
     kwargs = {"max_gen_toks": 6, "until": ["zzz"], "do_sample": False}
     reqs = [Instance("generate_until", {}, (TEXT[0][:80], kwargs), 0)]
-    ours = SimbaLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
+    lm = SimbaLM(pretrained=str(hf_dir), device="cpu")
+    ours = lm.generate_until(reqs)
     theirs = HFLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
     assert ours == theirs
-    pruned = SimbaLM(pretrained=str(hf_dir), device="cpu", schedule="linear", final_keep=0.3).generate_until(reqs)
+    # FLOPs: the prompt's layers and one head row, then a dense step per further token (6 generated here)
+    from simba_cli.simba.flops import count_head, count_layer, dense_flops_per_token
+
+    cfg, n = lm.model.cfg, len(lm.tok_encode(TEXT[0][:80]))
+    by_hand = cfg.n_layer * count_layer(cfg, n) + count_head(cfg, 1) + 5 * dense_flops_per_token(cfg)
+    assert lm.measured()["flops"] == by_hand
+    small = SimbaLM(pretrained=str(hf_dir), device="cpu", schedule="linear", final_keep=0.3)
+    pruned = small.generate_until(reqs)
     assert isinstance(pruned[0], str)
+    assert 0 < small.measured()["flops"] < by_hand and small.measured()["mean_keep"] < 1
 
 
 def test_offline_lm_eval_run_and_results_schema(hf_dir, tmp_path):
@@ -171,3 +180,15 @@ def test_eval_checks_device_and_perplexity_settings_before_any_work(hf_dir, monk
         r = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "simba_choice", "--limit", "2", *args])
         assert r.exit_code == 2 and r.output.startswith("error: ") and words in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_metrics_of_different_filters_stay_apart():
+    from simba_cli.eval.harness import flat_metrics
+
+    got = flat_metrics({"results": {"gsm8k": {
+        "alias": "gsm8k", "exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.01,
+        "exact_match,flexible-extract": 0.2, "exact_match_stderr,flexible-extract": 0.02}, "piqa": {
+        "acc,none": 0.5, "acc_stderr,none": 0.03}}})
+    assert got == {"gsm8k": {"exact_match[strict-match]": 0.1, "exact_match[strict-match]_stderr": 0.01,
+                             "exact_match[flexible-extract]": 0.2, "exact_match[flexible-extract]_stderr": 0.02},
+                   "piqa": {"acc": 0.5, "acc_stderr": 0.03}}

@@ -52,14 +52,19 @@ def only(tasks: dict, name: str) -> dict:
 
 
 def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value, metric_stderr: value}} from lm-eval's results (the ',none' filter dropped)."""
+    """{task: {metric: value, metric_stderr: value}} from lm-eval's results. The default filter's name
+    (',none') is dropped; any other stays, so that e.g. exact_match,strict-match and
+    exact_match,flexible-extract become exact_match[strict-match] and exact_match[flexible-extract]."""
     out = {}
     for task, values in results["results"].items():
         row = {}
         for key, value in values.items():
             if "," not in key or not isinstance(value, (int, float)):
                 continue
-            name, _filter = key.split(",", 1)
+            name, filt = key.split(",", 1)
+            if filt != "none":
+                base, stderr, _ = name.partition("_stderr")
+                name = f"{base}[{filt}]" + (stderr if stderr else "")
             if isinstance(value, float) and math.isnan(value):
                 value = None
             row[name] = value

@@ -26,7 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from simba_cli.errors import UserError
-from simba_cli.simba.flops import FlopsCount
+from simba_cli.simba.flops import FlopsCount, analytic, count_head, count_layer
 from simba_cli.simba.pruned import DENSE, PruneConfig, pruned_forward, pruned_prefill
 
 _PRUNE_KEYS = ("schedule", "final_keep", "first_layer", "stages", "criterion", "seed")
@@ -242,13 +242,27 @@ class SimbaLM(TemplateLM):
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
             new = generate(self.model, torch.tensor([ids], device=self.device), max_new, prefill_fn=prefill_fn,
                            eos_token_id=self.eot_token_id, temperature=temperature)
+            self._count(generation_flops(self.model.cfg, self.config, len(ids), new.shape[1]))
             text = self.tok_decode(new[0].tolist())
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
             outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, {"until": until}), text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return outputs
+
+
+def generation_flops(cfg, config: PruneConfig, prompt_tokens: int, new_tokens: int) -> FlopsCount:
+    """FLOPs of one generation: the (pruned) prefill of the prompt with logits at its last token, exactly as
+    `pruned_forward` counts a single sequence, then one dense recurrent step per further token. The decode
+    steps add to every layer and the head; the keep ratios stay those of the prompt."""
+    ratios = None if config.schedule == "none" else config.keep_ratios(cfg.n_layer)
+    count = analytic(cfg, prompt_tokens, ratios, config.criterion, head_positions=1)
+    steps = max(0, new_tokens - 1)  # the prefill's logits give the first new token
+    count.layer = [f + count_layer(cfg, steps) for f in count.layer]
+    count.head += count_head(cfg, steps)
+    count.head_positions += steps
+    return count
 
 
 def _cast(key: str, value):
