@@ -115,7 +115,9 @@ def flops_report_cmd(
     criterion: Criterion = "simba", seq_len: SeqLen = 2048, head: Head = "all",
     per_layer: Annotated[bool, typer.Option(help="Also a per-layer table")] = False,
     format: Format = "table",
-    out: Annotated[Path | None, typer.Option(help="Also write flops.csv/.md/.json (and layers.*) here")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write flops.csv/.md/.json (and layers.*) and "
+                                                  "report.json (settings, versions) here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a report in an existing --out")] = False,
 ):
     """FLOPs per model, dense and pruned (analytic, no weights needed), optionally per layer."""
     from simba_cli.models.config import OFFICIAL
@@ -123,6 +125,8 @@ def flops_report_cmd(
     from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
     from simba_cli.simba.pruned import DENSE
 
+    if out is not None and (out / "report.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a FLOPs report; pass --overwrite to replace it")
     requested = _prune_config(schedule, final_keep, first_layer, stages, criterion)
     rows, layers = [], []
     for name in models or list(OFFICIAL):
@@ -138,10 +142,17 @@ def flops_report_cmd(
         if per_layer:
             _emit(layers, format, title="per layer")
     if out is not None:
+        from simba_cli.provenance import provenance
+        from simba_cli.report.tables import write_atomic
+
         out.mkdir(parents=True, exist_ok=True)
         write_tables(rows, out / "flops")
         if per_layer:
             write_tables(layers, out / "layers")
+        settings = {"models": models or list(OFFICIAL), "prune": requested.to_dict(), "seq_len": seq_len,
+                    "head": head, "counted": "analytic, from the schedule (no weights read)"}
+        write_atomic(out / "report.json", json.dumps({"settings": settings, "provenance": provenance(),
+                                                      "models": rows, "layers": layers}, indent=2) + "\n")
 
 
 @command("flops-match")
@@ -195,10 +206,12 @@ def eval_cmd(
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward")] = 16,
     schedule: Annotated[str | None, typer.Option(help="Override the schedule (none = dense)")] = None,
-    final_keep: Annotated[float | None, typer.Option()] = None,
-    first_layer: Annotated[int | None, typer.Option()] = None,
-    stages: Annotated[int | None, typer.Option()] = None,
-    criterion: Annotated[str | None, typer.Option()] = None,
+    final_keep: Annotated[float | None, typer.Option(help="Override: share of the tokens entering the last layer")]
+    = None,
+    first_layer: Annotated[int | None, typer.Option(help="Override: first layer that sees fewer tokens")] = None,
+    stages: Annotated[int | None, typer.Option(help="Override: steps of the step schedule")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Override: simba, simba-abs, simba-gated, random, "
+                                                       "uniform, recent, dt-norm, output-norm")] = None,
     ppl_contexts: Annotated[str | None, typer.Option(help="Also long-context perplexity at these context "
                                                           "lengths, e.g. 256,512,1024")] = None,
     ppl_score_last: Annotated[int, typer.Option(help="Scored tokens at the end of each window")] = 64,
@@ -277,8 +290,8 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option()] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     schedule: Annotated[str | None, typer.Option(help="Prune the prompt's prefill (none = dense)")] = None,
-    final_keep: Annotated[float | None, typer.Option()] = None,
-    criterion: Annotated[str | None, typer.Option()] = None,
+    final_keep: Annotated[float | None, typer.Option(help="Share of the prompt entering the last layer")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba)")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
 ):
     """Generate text: a Simba-pruned prefill of the prompt (or a dense one), then recurrent decoding."""

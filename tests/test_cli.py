@@ -92,6 +92,11 @@ def test_flops_report_per_layer_and_files(tmp_path):
     layers = json.loads((tmp_path / "layers.json").read_text())
     assert [x["tokens_in"] for x in layers][:2] == [100, 97] and layers[-1]["tokens_in"] == 10
     assert (tmp_path / "flops.md").is_file() and (tmp_path / "flops.csv").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["seq_len"] == 100 and report["provenance"]["versions"]["torch"]
+    assert report["layers"] == layers
+    one_line_error(run("flops-report", "mamba-130m", "--out", tmp_path), "--overwrite")
+    assert run("flops-report", "mamba-130m", "--out", tmp_path, "--overwrite").exit_code == 0
     # --format json prints one document, per-layer rows included
     doc = json.loads(run("flops-report", "mamba-130m", "--per-layer", "--format", "json", "--seq-len", 100).output)
     assert [x["model"] for x in doc["models"]] == ["mamba-130m"] * 2 and doc["layers"] == layers
