@@ -1,6 +1,9 @@
 """The lm-eval model `simba` against lm-eval's own `hf` model, protected continuations, the eval command."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,6 +147,18 @@ def test_lm_eval_python_api_finds_the_registered_model(hf_dir):
     res = lm_eval.simple_evaluate(model="simba", model_args=f"pretrained={hf_dir},schedule=linear,final_keep=0.5",
                                   tasks=["simba_recall"], limit=2, task_manager=tm, device="cpu")
     assert "acc,none" in res["results"]["simba_recall"]
+
+
+def test_lm_evals_own_command_line_as_in_the_readme(hf_dir):
+    """lm-eval asks for cuda:0 by default; without CUDA the model runs on the CPU. What ran is reported."""
+    from simba_cli.eval.tasks import build_tasks
+
+    r = subprocess.run([sys.executable, "-m", "simba_cli.lm_eval", "run", "--model", "simba", "--model_args",
+                        f"pretrained={hf_dir},schedule=linear,final_keep=0.5", "--tasks", "simba_choice",
+                        "--include_path", str(build_tasks()), "--limit", "2"],
+                       capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "simba_choice" in r.stdout and "FLOPs measured in" in r.stdout and "mean keep" in r.stdout
 
 
 def test_generate_command_with_a_pruned_prefill(hf_dir):

@@ -39,6 +39,12 @@ def _as_int(value, name: str) -> int:
         raise UserError(f"{name} must be an integer, got {value!r}") from None
 
 
+# lm-eval's own CLI (simba_cli.lm_eval) keeps every SimbaLM it makes, to report what they ran; elsewhere
+# nothing holds on to a model
+KEEP_INSTANCES = False
+INSTANCES: list = []
+
+
 @register_model("simba")
 class SimbaLM(TemplateLM):
     def __init__(self, pretrained: str = "zoo-m", batch_size=8, max_length=2048, device: str | None = None,
@@ -78,6 +84,8 @@ class SimbaLM(TemplateLM):
         self._max_length = _as_int(max_length, "max_length")
         self.flops: FlopsCount | None = None
         self.forwards = 0
+        if KEEP_INSTANCES:
+            INSTANCES.append(self)
 
     def _init_distributed(self, device):
         import os

@@ -14,9 +14,14 @@ def main():
         return
     from lm_eval.__main__ import cli_evaluate
 
-    import simba_cli.eval.lm  # noqa: F401  (registers the model "simba")
+    import simba_cli.eval.lm as simba_lm  # registers the model "simba"
 
+    simba_lm.KEEP_INSTANCES = True
     cli_evaluate()
+    for lm in simba_lm.INSTANCES:  # what really ran: lm-eval's own results know nothing of FLOPs
+        m = lm.measured()
+        keep = f", mean keep {m['mean_keep']:.3f}" if "mean_keep" in m else ""
+        print(f"simba {lm.config.short()}: {m.get('flops', 0):.4g} FLOPs measured in {m['forwards']} forwards{keep}")
 
 
 if __name__ == "__main__":
