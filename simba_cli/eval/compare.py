@@ -189,7 +189,9 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
         smaller = models[i - 1] if i > 0 else None
         plan.append((name, settings_for(spec, name, smaller)))
     tasks = task_dict(spec.tasks) if spec.tasks else None
-    n_jobs = sum(len(s) for _, s in plan) * len(spec.tasks) + len(models) * 3 * bool(spec.ppl_contexts)
+    leaves = list(tasks["tasks"]) if tasks else []  # a group (e.g. mmlu) runs as its member tasks
+    n_jobs = (sum(len(s) for _, s in plan) * len(leaves)
+              + len(models) * (1 + len(spec.ppl_criteria)) * bool(spec.ppl_contexts))
     started = time.time()
     rows, ppl_rows, samples = [], [], {}
     from simba_cli.report.progress import Bar
@@ -199,7 +201,7 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
             loaded, _ = load_any(name, device=device)
             lm = SimbaLM(model=loaded, batch_size=spec.batch_size, device=device)
             for label, config in settings:
-                for task in spec.tasks:
+                for task in leaves:
                     path = _part_path(out, name, label, task)
                     if path.is_file():
                         part = json.loads(path.read_text())
