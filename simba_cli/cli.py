@@ -237,8 +237,12 @@ def eval_cmd(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+        for stale in ("results.csv", "results.md", "perplexity.csv", "perplexity.md"):  # of an earlier run
+            (out / stale).unlink(missing_ok=True)
         if rows:
             write_tables(rows, out / "results", formats=("csv", "md"))
+        if results.get("perplexity"):
+            write_tables(table_rows(results["perplexity"]), out / "perplexity", formats=("csv", "md"))
         typer.echo(f"results in {out}")
 
 

@@ -129,6 +129,12 @@ def test_offline_lm_eval_run_and_results_schema(hf_dir, tmp_path):
     # an existing output directory is not overwritten without --overwrite
     again = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "simba_choice", "--limit", "2", "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+    assert (out / "results.csv").is_file() and (out / "perplexity.csv").is_file()
+    # --overwrite with perplexity only: no table of the earlier run is left behind
+    ppl_only = CliRunner().invoke(app, ["eval", str(hf_dir), "--tasks", "", "--ppl-contexts", "48",
+                                        "--ppl-score-last", "16", "--out", str(out), "--overwrite"])
+    assert ppl_only.exit_code == 0, ppl_only.output
+    assert not (out / "results.csv").exists() and (out / "perplexity.csv").is_file()
 
 
 def test_unknown_task_lists_the_known_ones(hf_dir):
