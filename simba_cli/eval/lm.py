@@ -26,6 +26,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from simba_cli.errors import UserError
+from simba_cli.models.loading import resolve_device
 from simba_cli.simba.flops import FlopsCount, analytic, count_head, count_layer
 from simba_cli.simba.pruned import DENSE, PruneConfig, pruned_forward, pruned_prefill
 
@@ -97,8 +98,6 @@ class SimbaLM(TemplateLM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             self._device = self.accelerator.device
         else:
-            from simba_cli.models.loading import resolve_device
-
             self._device = resolve_device(device, fall_back=True)
 
     # --- what lm-eval asks of a model -------------------------------------------------------------------

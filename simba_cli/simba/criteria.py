@@ -104,15 +104,15 @@ def simba_score(scan: ScanInputs, lengths: torch.Tensor, variant: str = "simba")
                                  absolute, gate_T)
 
 
-def hash_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+def _seed_of(data: bytes) -> int:
+    """A non-negative 63-bit seed from bytes (stable across runs and machines, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def sequence_seeds(input_ids: torch.Tensor, lengths: torch.Tensor) -> list[int]:
     """A seed per sequence from its real tokens, (b,) -> list of ints."""
     ids = input_ids.cpu()
-    return [int.from_bytes(hashlib.blake2b(ids[i, :n].numpy().tobytes(), digest_size=8).digest(), "little") >> 1
-            for i, n in enumerate(lengths.tolist())]
+    return [_seed_of(ids[i, :n].numpy().tobytes()) for i, n in enumerate(lengths.tolist())]
 
 
 def uniform_scores(lengths: torch.Tensor, keep: torch.Tensor, l: int) -> torch.Tensor:
@@ -136,8 +136,8 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
         # document gets the same pattern in any batch, different documents (and training steps) differ.
         gen = torch.Generator(device="cpu")
         rows = view.row_seeds or [0] * b
-        scores = torch.stack([torch.rand(l, generator=gen.manual_seed(hash_seed(view.seed, view.layer, r)))
-                              for r in rows]).to(device)
+        seeds = [_seed_of(repr((view.seed, view.layer, r)).encode()) for r in rows]
+        scores = torch.stack([torch.rand(l, generator=gen.manual_seed(s)) for s in seeds]).to(device)
     elif criterion == "uniform":
         scores = uniform_scores(lengths, view.keep, l)
     elif criterion == "recent":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def _data_file(path: Path, text_field: str) -> list[str]:
 
 
 def _jsonl(path: Path, text_field: str) -> list[str]:
-    import json
-
     docs = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -343,9 +343,7 @@ def _truncate_log(path: Path, step: int):
     if path.is_file():
         kept = [line for line in path.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_atomic(path, "".join(kept))
 
 
 def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
