@@ -18,7 +18,8 @@ from common import best_of, write  # noqa: E402
 from simba_cli.models.config import OFFICIAL  # noqa: E402
 from simba_cli.models.mamba import MambaLM  # noqa: E402
 from simba_cli.simba.criteria import simba_score  # noqa: E402
-from simba_cli.simba.pruned import DENSE, PruneConfig, pruned_forward  # noqa: E402
+from simba_cli.simba.pruned import pruned_forward  # noqa: E402
+from simba_cli.simba.settings import DENSE, PruneConfig  # noqa: E402
 
 
 def main():

@@ -61,10 +61,9 @@ Format = Annotated[str, typer.Option(help="table (terminal), json, csv or md, pr
 
 
 def _prune_config(schedule, final_keep, first_layer, stages, criterion, mode="exit"):
-    from simba_cli.simba.pruned import PruneConfig
+    from simba_cli.simba.settings import PruneConfig
 
-    return PruneConfig(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
-                       criterion=criterion, mode=mode)
+    return PruneConfig(schedule, final_keep, first_layer, stages, criterion, mode)
 
 
 def _emit(rows: list[dict], fmt: str, title: str = ""):
@@ -102,8 +101,7 @@ def prune_cmd(
     f = body["flops"]
     typer.echo(f"wrote {out / 'simba.yaml'}: {body['base']} with {body['prune']['schedule']} to "
                f"{body['prune']['final_keep']:g} by {body['prune']['criterion']}, mean keep "
-               f"{sum(body['keep_ratios']) / len(body['keep_ratios']):.3f}, {f['ratio']:.3f}x dense FLOPs at "
-               f"{f['seq_len']} tokens")
+               f"{body['mean_keep']:.3f}, {f['ratio']:.3f}x dense FLOPs at {f['seq_len']} tokens")
 
 
 @command("flops-report")
@@ -123,7 +121,7 @@ def flops_report_cmd(
     from simba_cli.models.config import OFFICIAL
     from simba_cli.report.tables import write_tables
     from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
-    from simba_cli.simba.pruned import DENSE
+    from simba_cli.simba.settings import DENSE
 
     if out is not None and (out / "report.json").exists() and not overwrite:
         raise UserError(f"{out} already holds a FLOPs report; pass --overwrite to replace it")
@@ -142,8 +140,8 @@ def flops_report_cmd(
         if per_layer:
             _emit(layers, format, title="per layer")
     if out is not None:
+        from simba_cli.outdir import write_atomic
         from simba_cli.provenance import provenance
-        from simba_cli.report.tables import write_atomic
 
         out.mkdir(parents=True, exist_ok=True)
         write_tables(rows, out / "flops")
@@ -176,7 +174,7 @@ def flops_match_cmd(
 
 
 def _prune_overrides(schedule, final_keep, first_layer, stages, criterion) -> dict:
-    """Only what the user gave: a pruned artifact's own schedule stays unless overridden."""
+    """Only what the user gave (`PruneConfig.override`): a pruned artifact's own schedule stays."""
     given = dict(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
                  criterion=criterion)
     return {k: v for k, v in given.items() if v is not None}
@@ -222,7 +220,8 @@ def eval_cmd(
     """Evaluate a model (dense or pruned) on lm-eval tasks and long-context perplexity, with measured FLOPs."""
     from simba_cli.eval.harness import evaluate_model, result_rows
     from simba_cli.eval.perplexity import table_rows
-    from simba_cli.report.tables import print_table, write_atomic, write_tables
+    from simba_cli.outdir import write_atomic
+    from simba_cli.report.tables import print_table, write_tables
 
     _check_out(out, overwrite)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]

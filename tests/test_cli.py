@@ -10,7 +10,7 @@ from simba_cli.cli import app
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.simba.flops import analytic
 from simba_cli.simba.flops_tables import match_final_keep, model_config
-from simba_cli.simba.pruned import PruneConfig
+from simba_cli.simba.settings import PruneConfig
 from tests.conftest import random_model, tiny_config
 
 

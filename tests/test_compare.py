@@ -63,8 +63,8 @@ def test_paired_difference_and_standard_error():
 
 
 def test_tiny_compare_end_to_end_resumes_and_refuses_to_overwrite(tmp_path):
+    from simba_cli.data.bpe import train_bpe
     from simba_cli.models.checkpoint import save_checkpoint
-    from simba_cli.train.bpe import train_bpe
     from tests.conftest import random_model, tiny_config
     from tests.test_eval import TEXT  # noqa: F401  (the same tiny world)
 

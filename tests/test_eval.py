@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
+from simba_cli.data.bpe import train_bpe
 from simba_cli.models.checkpoint import save_checkpoint
-from simba_cli.train.bpe import train_bpe
 from tests.conftest import random_model, tiny_config
 
 TEXT = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 3,

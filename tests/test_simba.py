@@ -11,8 +11,8 @@ from simba_cli.models.decode import generate
 from simba_cli.ops.scan_ref import selective_scan_ref
 from simba_cli.simba.criteria import simba_contributions, simba_score, simba_score_reference
 from simba_cli.simba.flops import analytic, dense_flops_per_token
-from simba_cli.simba.pruned import PruneConfig, check_seq_len, pruned_forward, pruned_prefill
-from simba_cli.simba.schedule import Schedule, mean_keep
+from simba_cli.simba.pruned import pruned_forward, pruned_prefill
+from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
 from tests.conftest import random_model, tiny_config
 
 
@@ -90,28 +90,47 @@ def test_triton_score_kernel_matches_the_criterion(variant):
 # --- schedules ---------------------------------------------------------------------------------------
 
 def test_linear_schedule_values():
-    r = Schedule("linear", 0.1).keep_ratios(24)
+    r = PruneConfig("linear", 0.1).keep_ratios(24)
     assert r[0] == 1.0 and r[-1] == pytest.approx(0.1)
     assert mean_keep(r) == pytest.approx(0.55)
     assert all(a >= b for a, b in zip(r, r[1:]))
-    r = Schedule("linear", 0.1, first_layer=4).keep_ratios(24)
+    r = PruneConfig("linear", 0.1, first_layer=4).keep_ratios(24)
     assert r[:4] == [1.0] * 4 and r[4] == pytest.approx(1 - 0.9 / 20) and r[-1] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "step"])
 def test_schedules_are_monotone_and_end_at_final_keep(kind):
-    r = Schedule(kind, 0.2, stages=3).keep_ratios(10)
+    r = PruneConfig(kind, 0.2, stages=3).keep_ratios(10)
     assert r[0] == 1.0 and r[-1] == pytest.approx(0.2)
     assert all(a >= b - 1e-12 for a, b in zip(r, r[1:]))
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(kind="zigzag"), "unknown schedule"), (dict(final_keep=0), r"final_keep must be in \(0, 1\]"),
-    (dict(final_keep=1.5), r"final_keep must be in \(0, 1\]"), (dict(first_layer=0), "first_layer"),
+    (dict(schedule="zigzag"), "unknown schedule"), (dict(final_keep=0), r"final_keep must be a number in \(0, 1\]"),
+    (dict(final_keep=1.5), r"final_keep must be a number in \(0, 1\]"), (dict(first_layer=0), "first_layer"),
+    (dict(final_keep="0.1"), "final_keep must be a number"), (dict(stages=2.5), "stages must be an integer"),
 ])
 def test_invalid_schedules(kw, msg):
     with pytest.raises(UserError, match=msg):
-        Schedule(**kw)
+        PruneConfig(**kw)
+
+
+def test_one_prune_type_from_every_source():
+    """The CLI's options, a recipe's or artifact's mapping and lm-eval's strings all give the same PruneConfig."""
+    want = PruneConfig("linear", 0.3, first_layer=2, criterion="recent")
+    assert PruneConfig.from_mapping({"final_keep": 0.3, "first_layer": 2, "criterion": "recent"}, "recipe") == want
+    strings = {"final_keep": "0.3", "first_layer": "2", "criterion": "recent"}
+    assert PruneConfig.from_mapping(strings, "model_args", strings=True) == want
+    assert DENSE.override(final_keep=0.3, first_layer=2, criterion="recent", stages=None) == want  # implies linear
+    assert DENSE.override() == DENSE and DENSE.override(schedule="none", final_keep=0.5).dense
+    assert want.override(final_keep=0.1).first_layer == 2  # an artifact's own settings stay unless given
+    assert want.label() == "recent 0.3 from 2" and DENSE.label() == "dense"
+    assert want.key() != want.override(final_keep=0.1).key() and want.key() == want.override(mode="protect").key()
+    assert want.mean_keep(24) == pytest.approx(mean_keep(want.keep_ratios(24)))
+    with pytest.raises(UserError, match=r"model_args\.final_keep must be float, got 'most'"):
+        PruneConfig.from_mapping({"final_keep": "most"}, "model_args", strings=True)
+    with pytest.raises(UserError, match=r"recipe: unknown key 'keep'"):
+        PruneConfig.from_mapping({"keep": 0.1}, "recipe")
 
 
 def test_unknown_criterion_and_short_sequences():

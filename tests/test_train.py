@@ -97,7 +97,7 @@ def test_two_gloo_processes_equal_one(data_file, tmp_path, pruned):
     recipe = tmp_path / "r.yaml"
     r = tiny_recipe(data_file, steps=6)
     if pruned:  # Simba active in training: each process prunes its own sequences, the loss covers every position
-        r = recipe_from_dict({**yaml.safe_load(r.to_yaml()), "prune": {"final_keep": 0.5, "loss_on": "all"}})
+        r = recipe_from_dict({**yaml.safe_load(r.to_yaml()), "prune": {"final_keep": 0.5, "mode": "exit"}})
     recipe.write_text(r.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
@@ -141,8 +141,8 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     ({"optim": {"lr": -1}}, ["optim.lr"]),
     ({"data": {"seq_len": "long"}}, ["data.seq_len"]),
     ({"prune": {"final_keep": 2}}, ["final_keep"]),
-    ({"prune": {"criterion": "oracle"}}, ["prune section", "oracle"]),
-    ({"prune": {"schedule": "zigzag"}}, ["prune section", "zigzag"]),
+    ({"prune": {"criterion": "oracle"}}, [".prune", "oracle"]),
+    ({"prune": {"schedule": "zigzag"}}, [".prune", "zigzag"]),
 ])
 def test_bad_recipes_are_one_line_errors(data_file, tmp_path, change, words):
     raw = yaml.safe_load(tiny_recipe(data_file).to_yaml())
@@ -191,7 +191,7 @@ def test_a_recipe_that_is_not_a_mapping_is_a_one_line_error(tmp_path):
 
 
 def test_data_without_splits_is_split_deterministically_and_held_out(tmp_path):
-    from simba_cli.train.corpus import SPLITS, load_texts
+    from simba_cli.data.corpus import SPLITS, load_texts
 
     # one file: cut at line boundaries into 90% train, then 5% validation, then 5% evaluation
     text = "".join(f"line {i} of the only document\n" for i in range(400))
@@ -228,10 +228,10 @@ def test_the_zoo_is_a_ladder_of_about_2x_steps_and_larger_is_better():
 @pytest.mark.parametrize("name", __import__("simba_cli.models.zoo", fromlist=["names"]).names())
 def test_zoo_model_reproduces_its_recorded_perplexity(name):
     """Loaded by name, each zoo model scores the held-out windows it was measured on, to the recorded value."""
+    from simba_cli.data.corpus import load_texts
+    from simba_cli.data.tokens import eval_windows, tokenize_documents
     from simba_cli.models import zoo
     from simba_cli.models.loading import load_model
-    from simba_cli.train.corpus import load_texts
-    from simba_cli.train.data import eval_windows, tokenize_documents
 
     metrics = zoo.info(name)
     loaded = load_model(name)

@@ -24,7 +24,7 @@ import yaml
 
 from simba_cli.errors import UserError
 from simba_cli.eval.tasks import TASKS
-from simba_cli.simba.pruned import DENSE, PruneConfig
+from simba_cli.simba.settings import DENSE, PruneConfig
 
 # The metric each task is read by (higher is better unless listed in LOWER_IS_BETTER).
 MAIN_METRIC = {"simba_cloze": "perplexity", "simba_choice": "acc_norm", "simba_recall": "acc",
@@ -156,9 +156,10 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
     from simba_cli.eval.harness import only, run_tasks, task_dict
     from simba_cli.eval.lm import SimbaLM
     from simba_cli.eval.perplexity import long_context_perplexity, table_rows, token_stream
+    from simba_cli.outdir import write_atomic
     from simba_cli.provenance import provenance
     from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
-    from simba_cli.report.tables import write_atomic, write_tables
+    from simba_cli.report.tables import write_tables
     from simba_cli.simba.artifact import load_any
 
     out = Path(out)

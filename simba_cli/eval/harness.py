@@ -133,7 +133,7 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
         check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
     lm = SimbaLM(pretrained=model, batch_size=batch_size, device=device, **(prune or {}))
     loaded = task_dict(tasks) if tasks else {"tasks": {}}
-    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.short(),
+    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.label(),
                "settings": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": FEWSHOT_SEED,
                             "batch_size": batch_size, "task_mode": "protect: logits at the continuation only",
                             "ppl_contexts": ppl_contexts, "ppl_score_last": ppl_score_last,

@@ -9,18 +9,20 @@ L, so the curves differ only by how much context the model could use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from simba_cli.errors import UserError
-from simba_cli.simba.pruned import PruneConfig, pruned_forward
+from simba_cli.simba.pruned import pruned_forward
+from simba_cli.simba.settings import PruneConfig
 
 
 def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluation") -> torch.Tensor:
-    from simba_cli.train.corpus import load_texts
-    from simba_cli.train.data import tokenize_documents
+    from simba_cli.data.corpus import load_texts
+    from simba_cli.data.tokens import tokenize_documents
 
     return tokenize_documents(tokenizer, load_texts(source, split))
 
@@ -49,7 +51,7 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
         raise UserError(f"the held-out text has {stream.numel()} tokens, too few for {windows} windows of "
                         f"{longest}; use shorter contexts or more text")
     ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
-    config = PruneConfig(**{**config.to_dict(), "mode": "protect"})
+    config = dataclasses.replace(config, mode="protect")
     rows = []
     for L in contexts:
         nll, count, flops, per_window = 0.0, 0, None, []

@@ -185,8 +185,8 @@ _BUILDERS = {"simba_cloze": cloze_examples, "simba_choice": choice_examples, "si
 
 def build_tasks(source: str = "shakespeare", n: int = 500, seed: int = 1234, root: Path | None = None) -> Path:
     """Write the three tasks (JSONL + lm-eval YAML) and return their directory (an lm-eval include path)."""
-    from simba_cli.train.bpe import cache_dir
-    from simba_cli.train.corpus import load_texts
+    from simba_cli.data.bpe import cache_dir
+    from simba_cli.data.corpus import load_texts
 
     plays = load_texts(source, "evaluation")
     if not plays:

@@ -21,7 +21,7 @@ def main():
     for lm in simba_lm.INSTANCES:  # what really ran: lm-eval's own results know nothing of FLOPs
         m = lm.measured()
         keep = f", mean keep {m['mean_keep']:.3f}" if "mean_keep" in m else ""
-        print(f"simba {lm.config.short()}: {m.get('flops', 0):.4g} FLOPs measured in {m['forwards']} forwards{keep}")
+        print(f"simba {lm.config.label()}: {m.get('flops', 0):.4g} FLOPs measured in {m['forwards']} forwards{keep}")
 
 
 if __name__ == "__main__":

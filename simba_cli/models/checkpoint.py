@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 from simba_cli.errors import UserError
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.mamba import MambaLM
+from simba_cli.outdir import atomic_directory
 
 HF_EMBED, OUR_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
 
@@ -114,9 +113,9 @@ def save_checkpoint(model: MambaLM, directory: str | os.PathLike, fmt: str = "hf
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise UserError(f"{directory} already exists; choose another path or pass --overwrite")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    if fmt not in ("hf", "mamba_ssm"):
+        raise UserError(f"unknown checkpoint format {fmt!r}; use hf or mamba_ssm")
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
@@ -126,20 +125,12 @@ def save_checkpoint(model: MambaLM, directory: str | os.PathLike, fmt: str = "hf
             state[HF_EMBED] = state.pop(OUR_EMBED)
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = model.cfg.to_hf()
-        elif fmt == "mamba_ssm":
+        else:
             torch.save(state, tmp / "pytorch_model.bin")
             config = model.cfg.to_mamba_ssm()
-        else:
-            raise UserError(f"unknown checkpoint format {fmt!r}; use hf or mamba_ssm")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

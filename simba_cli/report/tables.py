@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from simba_cli.outdir import write_atomic
+
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -42,13 +44,6 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_tables(rows: list[dict], stem: Path, formats=("csv", "md", "json")):

@@ -7,6 +7,7 @@
       prune: {schedule: linear, final_keep: 0.1, first_layer: 1, stages: 4, criterion: simba, mode: exit}
       model: {d_model: ..., n_layer: ...}          # the base model's architecture
       keep_ratios: [1.0, 0.96, ...]                # tokens entering each layer, as a fraction of the input
+      mean_keep: 0.55                              # their mean
       flops: {seq_len: 2048, dense: ..., pruned: ..., ratio: ..., per_layer: [...]}   # analytic
       provenance: {versions, git_commit, command}
 
@@ -15,7 +16,6 @@ The artifact stores no weights of its own (unless base is "."): it is a recipe f
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -24,10 +24,10 @@ from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import read_config
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.hub import resolve
+from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
-from simba_cli.report.tables import write_atomic
 from simba_cli.simba.flops import analytic
-from simba_cli.simba.pruned import PruneConfig, check_seq_len
+from simba_cli.simba.settings import PruneConfig, check_seq_len
 
 FILENAME = "simba.yaml"
 FORMAT_VERSION = 1
@@ -75,6 +75,7 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Mamb
         "prune": config.to_dict(),
         "model": cfg.to_dict(),
         "keep_ratios": [round(r, 6) for r in config.keep_ratios(cfg.n_layer)],
+        "mean_keep": round(config.mean_keep(cfg.n_layer), 6),
         "flops": describe_flops(cfg, config, seq_len),
         "provenance": provenance(**extra),
     }
@@ -90,13 +91,9 @@ def read_artifact(directory: str | Path) -> tuple[str, PruneConfig, dict]:
         body = yaml.safe_load(path.read_text())
         if not isinstance(body, dict) or body.get("simba_artifact") != FORMAT_VERSION:
             raise ValueError("not a simba artifact, version 1")
-        prune = dict(body["prune"])
-        unknown = set(prune) - {f.name for f in dataclasses.fields(PruneConfig)}
-        if unknown:
-            raise ValueError(f"unknown prune keys {sorted(unknown)}")
-        config = PruneConfig(**prune)
+        config = PruneConfig.from_mapping(body["prune"], "prune")
         base = str(body["base"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path} is not a valid simba artifact ({e}); recreate it with `simba prune`") from e
     if base == ".":
         base = str(directory)

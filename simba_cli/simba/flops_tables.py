@@ -21,8 +21,7 @@ from simba_cli.models.checkpoint import read_config
 from simba_cli.models.config import MambaConfig, official_config
 from simba_cli.models.hub import resolve
 from simba_cli.simba.flops import analytic
-from simba_cli.simba.pruned import DENSE, PruneConfig, check_seq_len
-from simba_cli.simba.schedule import mean_keep
+from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
 
 
 def model_config(ref: str) -> tuple[MambaConfig, PruneConfig | None]:
@@ -53,7 +52,7 @@ def summary_row(name: str, cfg: MambaConfig, config: PruneConfig, seq_len: int, 
     count = flops(cfg, config, seq_len, head)
     dense = flops(cfg, DENSE, seq_len, head).total
     return {
-        "model": name, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "setting": config.short(),
+        "model": name, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "setting": config.label(),
         "seq_len": seq_len, "mean_keep": round(mean_keep(count.keep_ratios), 4),
         "GFLOPs": count.total / 1e9, "FLOPs/token": count.total / seq_len,
         "vs_dense": count.total / dense, "head_share": count.head / count.total,

@@ -18,61 +18,17 @@ padded to the longest, and padding never enters a ranking.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
 from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
 from simba_cli.models.mamba import MambaLM
-from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, check_criterion, score, sequence_seeds
+from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, score, sequence_seeds
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
-from simba_cli.simba.schedule import Schedule
-
-MODES = ("exit", "protect")
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """How to prune: the schedule, the criterion and the output mode."""
-
-    schedule: str = "linear"
-    final_keep: float = 0.1
-    first_layer: int = 1
-    stages: int = 4
-    criterion: str = "simba"
-    mode: str = "exit"
-    seed: int = 0
-
-    def __post_init__(self):
-        check_criterion(self.criterion)
-        if self.mode not in MODES:
-            raise UserError(f"unknown mode {self.mode!r}; use exit or protect")
-        self.as_schedule()  # validates
-
-    def as_schedule(self) -> Schedule:
-        return Schedule(self.schedule, self.final_keep, self.first_layer, self.stages)
-
-    def keep_ratios(self, n_layer: int) -> list[float]:
-        return self.as_schedule().keep_ratios(n_layer)
-
-    def describe(self) -> str:
-        s = self.as_schedule().describe()
-        return s if self.schedule == "none" else f"{s} by {self.criterion}"
-
-    def short(self) -> str:
-        """A compact label for tables: 'dense', 'linear 0.1 simba', 'step 0.2 recent from 4'."""
-        if self.schedule == "none":
-            return "dense"
-        return f"{self.schedule} {self.final_keep:.4g} {self.criterion}" + (
-            f" from {self.first_layer}" if self.first_layer != 1 else "")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-DENSE = PruneConfig(schedule="none")
+from simba_cli.simba.settings import DENSE, PruneConfig
 
 
 @dataclass
@@ -213,20 +169,9 @@ def pruned_prefill(config: PruneConfig):
     """A prefill function for `models.decode.generate`: Simba-pruned prompt, then recurrent decoding."""
 
     def prefill(model: MambaLM, input_ids, lengths=None):
-        protect_mode = PruneConfig(**{**config.to_dict(), "mode": "protect"})
+        protect_mode = dataclasses.replace(config, mode="protect")
         out = pruned_forward(model, input_ids, protect_mode, lengths, final_state=True)
         # In protect mode without a protected set, the only logits row is each sequence's last token.
         return out.logits[:, 0], out.state
 
     return prefill
-
-
-def check_seq_len(config: PruneConfig, n_layer: int, seq_len: int, n_protected: int = 1):
-    """A one-line error when `seq_len` is too short for the schedule to mean anything."""
-    if seq_len < 2:
-        raise UserError(f"sequence length {seq_len} is too short to prune; use at least 2 tokens")
-    last = max(1, math.ceil(config.keep_ratios(n_layer)[-1] * seq_len - 1e-9))
-    if config.schedule != "none" and n_protected > last:
-        raise UserError(f"sequence length {seq_len} is too short for {config.describe()}: its last layer keeps "
-                        f"{last} token(s) but {n_protected} are protected; use a longer sequence, a larger "
-                        f"final_keep or fewer protected positions")

@@ -17,66 +17,35 @@ ceil(r_{l+1} L) of them for layer l + 1.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 from simba_cli.errors import UserError
 
 SCHEDULES = ("none", "linear", "cosine", "constant", "step")
 
 
-@dataclass(frozen=True)
-class Schedule:
-    kind: str = "linear"
-    final_keep: float = 0.1
-    first_layer: int = 1
-    stages: int = 4
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.kind!r}; use one of {', '.join(SCHEDULES)}")
-        if not (isinstance(self.final_keep, (int, float)) and 0 < self.final_keep <= 1):
-            raise UserError(f"final_keep must be in (0, 1], got {self.final_keep!r}")
-        if self.first_layer < 1:
-            raise UserError(f"first_layer must be at least 1 (layer 0 always sees every token), got {self.first_layer}")
-        if self.stages < 1:
-            raise UserError(f"stages must be at least 1, got {self.stages}")
-
-    def keep_ratios(self, n_layer: int) -> list[float]:
-        """r_l for l = 0 .. n_layer - 1."""
-        if self.kind == "none" or n_layer == 1:
-            return [1.0] * n_layer
-        f = self.first_layer
-        if f >= n_layer:
-            raise UserError(f"first_layer {f} leaves nothing to prune in a {n_layer}-layer model; "
-                            f"use a value below {n_layer}")
-        span = n_layer - f
-        ratios = []
-        for layer in range(n_layer):
-            if layer < f:
-                ratios.append(1.0)
-                continue
-            x = (layer - f + 1) / span
-            if self.kind == "linear":
-                r = 1 - (1 - self.final_keep) * x
-            elif self.kind == "cosine":
-                r = self.final_keep + (1 - self.final_keep) * 0.5 * (1 + math.cos(math.pi * x))
-            elif self.kind == "constant":
-                r = self.final_keep
-            else:  # step: stage s of `stages` keeps 1 - (1 - final_keep) * (s + 1) / stages
-                stage = min(self.stages - 1, (layer - f) * self.stages // span)
-                r = 1 - (1 - self.final_keep) * (stage + 1) / self.stages
-            ratios.append(r)
-        return ratios
-
-    def describe(self) -> str:
-        if self.kind == "none":
-            return "none"
-        extra = f", stages={self.stages}" if self.kind == "step" else ""
-        return f"{self.kind}(final_keep={self.final_keep:g}, first_layer={self.first_layer}{extra})"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def mean_keep(ratios: list[float]) -> float:
-    return sum(ratios) / len(ratios)
+def keep_ratios(kind: str, final_keep: float, n_layer: int, first_layer: int = 1, stages: int = 4) -> list[float]:
+    """r_l for l = 0 .. n_layer - 1 (the arguments are checked by `PruneConfig`)."""
+    if kind == "none" or n_layer == 1:
+        return [1.0] * n_layer
+    f = first_layer
+    if f >= n_layer:
+        raise UserError(f"first_layer {f} leaves nothing to prune in a {n_layer}-layer model; "
+                        f"use a value below {n_layer}")
+    span = n_layer - f
+    ratios = []
+    for layer in range(n_layer):
+        if layer < f:
+            ratios.append(1.0)
+            continue
+        x = (layer - f + 1) / span
+        if kind == "linear":
+            r = 1 - (1 - final_keep) * x
+        elif kind == "cosine":
+            r = final_keep + (1 - final_keep) * 0.5 * (1 + math.cos(math.pi * x))
+        elif kind == "constant":
+            r = final_keep
+        else:  # step: stage s of `stages` keeps 1 - (1 - final_keep) * (s + 1) / stages
+            stage = min(stages - 1, (layer - f) * stages // span)
+            r = 1 - (1 - final_keep) * (stage + 1) / stages
+        ratios.append(r)
+    return ratios

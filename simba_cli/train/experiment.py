@@ -18,17 +18,18 @@ import json
 import math
 from pathlib import Path
 
+from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
-from simba_cli.report.tables import print_table, write_atomic, write_tables
-from simba_cli.train.loop import LossFn, evaluate_loss, finetune, prune_config
+from simba_cli.report.tables import print_table, write_tables
+from simba_cli.train.loop import LossFn, evaluate_loss, finetune
 from simba_cli.train.recipe import load_recipe
 
 
 def held_out_ppl(model_ref: str, recipe) -> dict:
     """Dense and pruned perplexity of a model on the recipe's held-out windows."""
+    from simba_cli.data.corpus import load_texts
+    from simba_cli.data.tokens import eval_windows, tokenize_documents
     from simba_cli.simba.artifact import load_any
-    from simba_cli.train.corpus import load_texts
-    from simba_cli.train.data import eval_windows, tokenize_documents
 
     loaded, _ = load_any(model_ref)
     stream = tokenize_documents(loaded.tokenizer, load_texts(recipe.data.source, "validation", recipe.data.text_field))
@@ -45,7 +46,7 @@ def run(base: str, recipe_path: Path, out: Path, overwrite: bool = False) -> dic
 
     recipe = load_recipe(recipe_path)
     out.mkdir(parents=True, exist_ok=True)
-    prune_model(base, out / "artifact", prune_config(recipe.prune), recipe.data.seq_len, overwrite=True)
+    prune_model(base, out / "artifact", recipe.prune, recipe.data.seq_len, overwrite=True)
     simba = finetune(recipe, out / "simba", init_from=str(out / "artifact"), overwrite=overwrite,
                      resume=(out / "simba" / "checkpoint.pt").is_file() and not overwrite, progress=True)
     control = dataclasses.replace(recipe, prune=None, name=recipe.name + "-dense-control")

@@ -15,6 +15,7 @@ the global batch is split across processes and only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,19 +29,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from simba_cli.data.bpe import cached_bpe
+from simba_cli.data.corpus import load_texts
+from simba_cli.data.tokens import BatchSampler, eval_windows, tokenize_documents
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.loading import resolve_device
 from simba_cli.models.mamba import MambaLM
+from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
-from simba_cli.report.tables import write_atomic
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.train import checkpoint as ckpt
-from simba_cli.train.bpe import cached_bpe
-from simba_cli.train.corpus import load_texts
-from simba_cli.train.data import BatchSampler, eval_windows, tokenize_documents
-from simba_cli.train.recipe import PruneSpec, Recipe, load_recipe
+from simba_cli.train.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -86,31 +87,11 @@ def _optimizer(model: MambaLM, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas)
 
 
-def prune_config(spec: PruneSpec):
-    """The pruned forward's configuration for a recipe's prune section."""
-    from simba_cli.simba.pruned import PruneConfig
-
-    return PruneConfig(schedule=spec.schedule, final_keep=spec.final_keep, first_layer=spec.first_layer,
-                       stages=spec.stages, criterion=spec.criterion,
-                       mode="exit" if spec.loss_on == "all" else "protect")
-
-
-def prune_spec(config) -> PruneSpec:
-    """A recipe's prune section for a pruned artifact's configuration (loss on every position)."""
-    return PruneSpec(schedule=config.schedule, final_keep=config.final_keep, first_layer=config.first_layer,
-                     stages=config.stages, criterion=config.criterion)
-
-
 class LossFn:
     """Next-token loss of a batch (b, seq_len + 1): dense, or through the Simba-pruned forward."""
 
     def __init__(self, recipe: Recipe):
-        self.prune = recipe.prune
-        if self.prune is not None:
-            try:
-                self.config = prune_config(self.prune)
-            except UserError as e:
-                raise UserError(f"recipe {recipe.name!r}, prune section: {e}") from e
+        self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
 
     def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -120,10 +101,10 @@ class LossFn:
         from simba_cli.simba.pruned import pruned_forward
 
         protected = None
-        if self.prune.loss_on == "protected":
+        if self.prune.mode == "protect":
             protected = torch.zeros_like(inputs, dtype=torch.bool)
-            protected[:, -self.prune.protect_last:] = True
-        out = pruned_forward(model, inputs, self.config, protected=protected)
+            protected[:, -self.protect_last:] = True
+        out = pruned_forward(model, inputs, self.prune, protected=protected)
         # out.logits (b, P, V) at out.positions (b, P)
         tgt = torch.gather(targets, 1, out.positions)
         return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten()), tgt.numel()
@@ -222,7 +203,7 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     torch.manual_seed(recipe.train.seed)
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
     if artifact_prune is not None and recipe.prune is None:
-        recipe.prune = prune_spec(artifact_prune)
+        recipe.prune = dataclasses.replace(artifact_prune, mode="exit")  # the loss on every position
     loss_fn = LossFn(recipe)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
@@ -324,9 +305,9 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
         }
         if recipe.prune is not None:  # what a training (and held-out) forward of seq_len tokens costs, pruned
             seq = recipe.data.seq_len
-            ratios = loss_fn.config.keep_ratios(model.cfg.n_layer)
-            heads = seq if recipe.prune.loss_on == "all" else min(seq, recipe.prune.protect_last)
-            count = analytic(model.cfg, seq, ratios, loss_fn.config.criterion, head_positions=heads)
+            ratios = recipe.prune.keep_ratios(model.cfg.n_layer)
+            heads = seq if recipe.prune.mode == "exit" else min(seq, recipe.train.protect_last)
+            count = analytic(model.cfg, seq, ratios, recipe.prune.criterion, head_positions=heads)
             metrics.update(pruned_flops_per_token=count.total / seq, keep_ratios=count.keep_ratios)
         _export(model, tokenizer, recipe, out, metrics)
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: it marks a finished run
@@ -355,5 +336,5 @@ def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
     if recipe.prune is not None:
         from simba_cli.simba.artifact import write_artifact
 
-        write_artifact(target, ".", prune_config(recipe.prune), model.cfg, recipe.data.seq_len, overwrite=True,
+        write_artifact(target, ".", recipe.prune, model.cfg, recipe.data.seq_len, overwrite=True,
                        seed=recipe.train.seed)

@@ -16,12 +16,12 @@
       steps: 3000
       batch_size: 8                # global batch, split across data-parallel processes
       ...
-    prune:            # optional: Simba pruning active during training
+    prune:            # optional: Simba pruning active during training (simba.settings.PruneConfig)
       schedule: linear
       final_keep: 0.3
       criterion: simba
-      loss_on: all                 # all positions (through the early exits) or protected
-      protect_last: 64             # with loss_on: protected, the last k positions of each window
+      mode: exit                   # the loss on every position (through the early exits), or protect:
+                                   # on the last train.protect_last positions of each window only
 
 Unknown keys and bad values are one-line errors that name the key.
 """
@@ -29,14 +29,14 @@ Unknown keys and bad values are one-line errors that name the key.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from simba_cli.errors import UserError
+from simba_cli.simba.settings import PruneConfig
+from simba_cli.typed import build
 
 
 @dataclass
@@ -81,17 +81,7 @@ class TrainSpec:
     log_every: int = 10
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
     dropout: float = 0.0  # training only: on the embeddings and every mixer's output (not saved with the model)
-
-
-@dataclass
-class PruneSpec:
-    schedule: str = "linear"
-    final_keep: float = 0.1
-    first_layer: int = 1
-    stages: int = 4
-    criterion: str = "simba"
-    loss_on: str = "all"
-    protect_last: int = 64
+    protect_last: int = 64  # with prune.mode protect: the loss is on the last k positions of each window
 
 
 @dataclass
@@ -102,7 +92,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
-    prune: PruneSpec | None = None
+    prune: PruneConfig | None = None
 
     def __post_init__(self):
         checks = [
@@ -119,13 +109,8 @@ class Recipe:
             (self.tokenizer.vocab_size >= 300, "tokenizer.vocab_size must be at least 300 (256 bytes + merges)"),
             (min(self.train.eval_every, self.train.checkpoint_every, self.train.log_every) >= 1,
              "train.eval_every, checkpoint_every and log_every must be at least 1"),
+            (self.train.protect_last >= 1, "train.protect_last must be at least 1"),
         ]
-        if self.prune is not None:
-            checks += [
-                (self.prune.loss_on in ("all", "protected"), "prune.loss_on must be all or protected"),
-                (0 < self.prune.final_keep <= 1, "prune.final_keep must be in (0, 1]"),
-                (self.prune.protect_last >= 1, "prune.protect_last must be at least 1"),
-            ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"recipe {self.name!r}: {message}")
@@ -139,54 +124,12 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _build(cls, raw, where: str):
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        raise UserError(f"{where}: missing key {missing[0] if missing else e}") from e
-
-
-def _convert(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, where)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
-            raise UserError(f"{where} must be a list of {len(typing.get_args(tp))} numbers, got {value!r}")
-        return tuple(_convert(a, v, where) for a, v in zip(typing.get_args(tp), value))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 3e-3 (without a dot) as a string
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
-
-
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a mapping of sections (name, model, data, ...), got {type(raw).__name__}")
     raw = dict(raw)
     raw.setdefault("name", where)
-    return _build(Recipe, raw, where)
+    return build(Recipe, raw, where)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -197,7 +140,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    raw = raw or {}
+    if not raw:
+        raise UserError(f"recipe {path} is empty; give at least its data and train sections (see recipes/)")
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
     return recipe_from_dict(raw, str(path))
