@@ -189,18 +189,13 @@ def _ints(text: str | None, name: str) -> list[int]:
         raise UserError(f"--{name} takes comma-separated integers, e.g. 256,512,1024; got {text!r}") from None
 
 
-def _check_out(out: Path | None, overwrite: bool):
-    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace its results, or another --out")
-
-
 @command("eval")
 def eval_cmd(
     model: Model,
     tasks: Annotated[str, typer.Option(help="Comma-separated: simba_cloze, simba_choice, simba_recall (offline) "
                                             "or lm-eval tasks (piqa, hellaswag, ...; need the hub)")]
     = "simba_cloze,simba_choice,simba_recall",
-    limit: Annotated[int | None, typer.Option(help="Documents per task")] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task (at least 1; default: all)")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward")] = 16,
     schedule: Annotated[str | None, typer.Option(help="Override the schedule (none = dense)")] = None,
@@ -213,35 +208,36 @@ def eval_cmd(
     ppl_contexts: Annotated[str | None, typer.Option(help="Also long-context perplexity at these context "
                                                           "lengths, e.g. 256,512,1024")] = None,
     ppl_score_last: Annotated[int, typer.Option(help="Scored tokens at the end of each window")] = 64,
+    ppl_windows: Annotated[int, typer.Option(help="Windows per context length")] = 16,
+    ppl_data: Annotated[str, typer.Option(help="Text for perplexity: shakespeare, a file, a directory, a .jsonl/"
+                                               ".json/.parquet file, a saved dataset or hf:NAME (its evaluation "
+                                               "split, as finetune holds it out)")] = "shakespeare",
     out: Annotated[Path | None, typer.Option(help="Write results.json / .csv / .md here")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace results in an existing --out")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier eval in --out")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ):
     """Evaluate a model (dense or pruned) on lm-eval tasks and long-context perplexity, with measured FLOPs."""
-    from simba_cli.eval.harness import evaluate_model, result_rows
+    from simba_cli.eval.harness import cost_rows, evaluate_model, result_rows, write_results
     from simba_cli.eval.perplexity import table_rows
-    from simba_cli.outdir import write_atomic
-    from simba_cli.report.tables import print_table, write_tables
+    from simba_cli.outdir import check_out
+    from simba_cli.report.tables import print_table
 
-    _check_out(out, overwrite)
+    if out is not None:
+        check_out(out, "results.json", "eval", overwrite=overwrite, resumable=False)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     results = evaluate_model(model, task_list, limit, num_fewshot, batch_size, device,
                              _prune_overrides(schedule, final_keep, first_layer, stages, criterion),
-                             _ints(ppl_contexts, "ppl-contexts"), ppl_score_last)
-    rows = result_rows(results)
-    if rows:
-        print_table(rows, title=f"{model}: {results['setting']}")
+                             _ints(ppl_contexts, "ppl-contexts"), ppl_score_last, ppl_windows, ppl_data,
+                             progress=not quiet)
+    title = f"{model}: {results['setting']}"
+    if results["tasks"]:
+        print_table(result_rows(results), title=title)
+        print_table(cost_rows(results), title="what ran (measured)")
     if results.get("perplexity"):
-        print_table(table_rows(results["perplexity"]), title="long-context perplexity")
+        print_table(table_rows(results["perplexity"]), title=f"long-context perplexity ({ppl_data})")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-        for stale in ("results.csv", "results.md", "perplexity.csv", "perplexity.md"):  # of an earlier run
-            (out / stale).unlink(missing_ok=True)
-        if rows:
-            write_tables(rows, out / "results", formats=("csv", "md"))
-        if results.get("perplexity"):
-            write_tables(table_rows(results["perplexity"]), out / "perplexity", formats=("csv", "md"))
+        write_results(results, out)
         typer.echo(f"results in {out}")
 
 
@@ -298,10 +294,10 @@ def generate_cmd(
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
 ):
     """Generate text: a Simba-pruned prefill of the prompt (or a dense one), then recurrent decoding."""
-    from simba_cli.eval.lm import SimbaLM
+    from simba_cli.simba.runner import ModelRunner
 
-    lm = SimbaLM(pretrained=model, device=device, **_prune_overrides(schedule, final_keep, None, None, criterion))
-    typer.echo(lm.generate_text(prompt, max_new_tokens, temperature, top_p, seed))
+    runner = ModelRunner.load(model, device, **_prune_overrides(schedule, final_keep, None, None, criterion))
+    typer.echo(runner.generate_text(prompt, max_new_tokens, temperature, top_p, seed))
 
 
 @command("finetune")

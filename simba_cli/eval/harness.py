@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from simba_cli.errors import UserError
 from simba_cli.eval.tasks import TASKS, build_tasks
@@ -75,93 +76,147 @@ def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
 FEWSHOT_SEED = 1234  # lm-eval's default
 
 
-def run_tasks(lm, tasks, limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False,
-              bootstrap_iters: int = 1000) -> dict:
-    """Evaluate `lm` (a SimbaLM) on `tasks` (a list of names, or task objects from `task_dict`)."""
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; callers show their own progress
-    import random
-
-    import numpy as np
-    from lm_eval.evaluator import evaluate
-
-    loaded = task_dict(tasks) if isinstance(tasks, list) else tasks
+def _seed_tasks(loaded: dict, num_fewshot: int | None):
     for task in loaded["tasks"].values():
         # the same few-shot examples in every run and every setting (paired differences need them), and
         # lm-eval's rule: a task whose config fixes 0 shots keeps it
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
         if num_fewshot is not None and task.get_config("num_fewshot") != 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
+
+
+def count_requests(loaded: dict, limit: int | None = None, num_fewshot: int | None = None) -> dict[str, int]:
+    """Requests per task (what a progress bar counts), by building them as lm-eval's evaluate will."""
+    _seed_tasks(loaded, num_fewshot)
+    counts = {}
+    for name, task in loaded["tasks"].items():
+        task.build_all_requests(limit=limit)
+        counts[name] = len(task.instances)
+    return counts
+
+
+def run_tasks(lm, tasks, limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False,
+              bootstrap_iters: int = 1000) -> dict:
+    """Evaluate `lm` (a SimbaLM) on `tasks` (a list of names, or task objects from `task_dict`)."""
+    import contextlib
+    import io
+    import os
+    import random
+
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; callers show their own progress
+    loaded = task_dict(tasks) if isinstance(tasks, list) else tasks
+    _seed_tasks(loaded, num_fewshot)
     random.seed(0)  # as lm-eval's simple_evaluate
     np.random.seed(FEWSHOT_SEED)
-    before = lm.measured()
-    results = evaluate(lm, loaded, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
-                       verbosity="WARNING")
+    before, forwards = lm.runner.flops, lm.runner.forwards
+    with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints "bootstrapping for stddev: ..." lines
+        results = evaluate(lm, loaded, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+                           verbosity="WARNING")
     if results is None:  # a non-zero rank in data-parallel runs
         return {}
-    after = lm.measured()
-    return {"metrics": flat_metrics(results), "measured": _delta(before, after),
+    after = lm.runner.flops
+    ran = after if before is None else after - before
+    measured = {"forwards": 0} if ran is None else {"forwards": lm.runner.forwards - forwards, **ran.summary()}
+    return {"metrics": flat_metrics(results), "measured": measured,
             "samples": results.get("samples") if log_samples else None, "n_samples": results.get("n-samples")}
-
-
-def _delta(before: dict, after: dict) -> dict:
-    """The measured FLOPs of one evaluation (the model may have run others before)."""
-    if before.get("forwards", 0) == 0:
-        return after
-    flops = after["flops"] - before["flops"]
-    tokens = [a - b for a, b in zip(after["tokens_per_layer"], before["tokens_per_layer"])]
-    inputs = after["input_tokens"] - before["input_tokens"]
-    keep = [t / max(1, inputs) for t in tokens]
-    return {"forwards": after["forwards"] - before["forwards"], "flops": flops,
-            "flops_per_input_token": flops / max(1, inputs), "input_tokens": inputs,
-            "head_positions": after["head_positions"] - before["head_positions"],
-            "keep_ratios": [round(k, 5) for k in keep], "tokens_per_layer": tokens, "mean_keep": sum(keep) / len(keep)}
 
 
 def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
                    batch_size: int = 16, device: str | None = None, prune: dict | None = None,
-                   ppl_contexts: list[int] | None = None, ppl_score_last: int = 64, ppl_windows: int = 16) -> dict:
-    """`simba eval`: lm-eval tasks (each with its own measured FLOPs) and long-context perplexity."""
+                   ppl_contexts: list[int] | None = None, ppl_score_last: int = 64, ppl_windows: int = 16,
+                   ppl_data: str = "shakespeare", progress: bool = False) -> dict:
+    """`simba eval`: lm-eval tasks (each with its own measured FLOPs) and long-context perplexity on the
+    evaluation split of `ppl_data` (any source `finetune` takes). Every setting is checked before any work."""
     from simba_cli.eval.lm import SimbaLM
-    from simba_cli.eval.perplexity import check_ppl_args
-    from simba_cli.models.loading import resolve_device
+    from simba_cli.eval.perplexity import check_ppl_args, check_stream, long_context_perplexity, token_stream
     from simba_cli.provenance import provenance
+    from simba_cli.report.progress import Bar
+    from simba_cli.simba.runner import ModelRunner
 
-    device = str(resolve_device(device))  # a missing CUDA device is an error here, not a silent CPU run
-    if ppl_contexts:  # before any task runs
-        check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
-    lm = SimbaLM(pretrained=model, batch_size=batch_size, device=device, **(prune or {}))
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document per task, got {limit}; leave it out for all")
+    if ppl_contexts:
+        ppl_contexts = check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    # a missing CUDA device is an error here, not a silent CPU run
+    runner = ModelRunner.load(model, device, **(prune or {}))
+    lm = SimbaLM(runner=runner, batch_size=batch_size)
     loaded = task_dict(tasks) if tasks else {"tasks": {}}
-    results = {"model": model, "prune": lm.config.to_dict(), "setting": lm.config.label(),
+    stream = None
+    if ppl_contexts:  # the held-out text must hold every window, before any task runs
+        stream = token_stream(runner.tokenizer, ppl_data)
+        check_stream(stream, ppl_contexts, ppl_windows, ppl_data)
+    requests = count_requests(loaded, limit, num_fewshot)
+    config = runner.config
+    results = {"model": model, "prune": config.to_dict(), "setting": config.label(),
                "settings": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": FEWSHOT_SEED,
                             "batch_size": batch_size, "task_mode": "protect: logits at the continuation only",
                             "ppl_contexts": ppl_contexts, "ppl_score_last": ppl_score_last,
-                            "ppl_windows": ppl_windows},
+                            "ppl_windows": ppl_windows, "ppl_data": ppl_data if ppl_contexts else None},
                "tasks": {}}
-    for name in loaded["tasks"]:
-        r = run_tasks(lm, only(loaded, name), limit=limit, num_fewshot=num_fewshot)
-        if not r:
-            continue
-        docs = r["n_samples"][name]["effective"] if r.get("n_samples") else None
-        results["tasks"][name] = {"metrics": r["metrics"].get(name, {}), "docs": docs,
-                                  "flops_per_doc": r["measured"].get("flops", 0) / max(1, docs or 1),
-                                  "measured": r["measured"]}
-    if ppl_contexts:
-        from simba_cli.eval.perplexity import long_context_perplexity, token_stream
-
-        results["perplexity"] = long_context_perplexity(lm.model, token_stream(lm.tokenizer), lm.config,
-                                                        ppl_contexts, ppl_score_last, ppl_windows, batch_size,
-                                                        lm.device)
-    results["measured"] = lm.measured()
-    results["provenance"] = provenance(seed=lm.config.seed, device=str(lm.device))
+    total = sum(requests.values()) + (len(ppl_contexts) * ppl_windows if ppl_contexts else 0)
+    with Bar(progress, total, "eval", unit="req") as bar:
+        lm.on_progress = bar.advance_by
+        for name in loaded["tasks"]:
+            bar.describe(name)
+            r = run_tasks(lm, only(loaded, name), limit=limit, num_fewshot=num_fewshot)
+            if not r:
+                continue
+            docs = r["n_samples"][name]["effective"] if r.get("n_samples") else None
+            results["tasks"][name] = {"metrics": r["metrics"].get(name, {}), "docs": docs,
+                                      "flops_per_doc": r["measured"].get("flops", 0) / max(1, docs or 1),
+                                      "measured": r["measured"]}
+        if ppl_contexts:
+            bar.describe("perplexity")
+            results["perplexity"] = long_context_perplexity(runner.model, stream, config, ppl_contexts,
+                                                            ppl_score_last, ppl_windows, batch_size, runner.device,
+                                                            on_window=bar.advance_by)
+    results["measured"] = runner.measured()
+    results["provenance"] = provenance(seed=config.seed, device=str(runner.device))
     return results
 
 
 def result_rows(results: dict) -> list[dict]:
-    """One table row per task: the metrics with their standard errors, FLOPs per document, keep."""
+    """Long form, one row per task and metric, narrow enough for an 80-column terminal: task, metric,
+    value, stderr."""
     rows = []
     for task, r in results["tasks"].items():
-        rows.append({"task": task, "setting": results["setting"], "docs": r["docs"], **r["metrics"],
-                     "flops_per_doc": r["flops_per_doc"], "mean_keep": r["measured"].get("mean_keep")})
+        for name, value in r["metrics"].items():
+            if name.endswith("_stderr"):
+                continue
+            rows.append({"task": task, "metric": name, "value": value, "stderr": r["metrics"].get(f"{name}_stderr")})
     return rows
+
+
+def cost_rows(results: dict) -> list[dict]:
+    """One row per task: documents, measured FLOPs per document and mean keep ratio."""
+    return [{"task": task, "docs": r["docs"], "FLOPs/doc": r["flops_per_doc"],
+             "mean keep": r["measured"].get("mean_keep")} for task, r in results["tasks"].items()]
+
+
+def write_results(results: dict, out: Path):
+    """results.json (everything), results.csv/.md (long form, the model named), costs and perplexity tables.
+    An earlier eval's files in `out` are replaced whole (the caller checked that `out` is an eval's)."""
+    import json
+
+    from simba_cli.eval.perplexity import table_rows
+    from simba_cli.outdir import atomic_directory
+    from simba_cli.report.tables import markdown_table, write_tables
+
+    rows = result_rows(results)
+    with atomic_directory(out) as tmp:  # the directory appears, or replaces an earlier eval's, whole
+        md = [f"# simba eval: {results['model']} ({results['setting']})\n"]
+        if rows:
+            write_tables(rows, tmp / "results", formats=("csv",))
+            write_tables(cost_rows(results), tmp / "costs", formats=("csv",))
+            md += ["## Tasks\n", markdown_table(rows), "## What ran (measured)\n", markdown_table(cost_rows(results))]
+        if results.get("perplexity"):
+            ppl = table_rows(results["perplexity"])
+            write_tables(ppl, tmp / "perplexity", formats=("csv",))
+            md += [f"## Long-context perplexity ({results['settings']['ppl_data']})\n", markdown_table(ppl)]
+        (tmp / "results.md").write_text("\n".join(md))
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

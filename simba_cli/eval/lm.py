@@ -11,34 +11,33 @@ Requests and pruning:
     generate_until         a Simba-pruned prefill of the prompt, then recurrent decoding
 
 `pretrained` is a zoo name, a local checkpoint, a hub id or a pruned artifact (whose schedule is the
-default; explicit schedule arguments override it). The FLOPs of every forward are counted from the
-tokens each layer really processed, and reported with the tokens per layer (`measured()`).
+default; explicit schedule arguments override it). The model itself, its prune settings and the FLOPs
+count live in a `simba.runner.ModelRunner`; this class only speaks lm-eval's interface. The FLOPs of
+every forward are counted from the tokens each layer really processed (`measured()`).
+
+max_length (the longest input scored at once) is resolved as lm-eval's `hf` model resolves it, so both
+score long documents the same way: an explicit max_length; else the tokenizer's model_max_length unless
+it is unset (the embedded zoo's tokenizer says 1,000,000: a recurrent model has no window); else 2048,
+the training length of the official Mamba models.
 Data parallel like lm-eval's `hf` model: under `accelerate launch`, each process takes its share.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from simba_cli.errors import UserError
-from simba_cli.models.loading import resolve_device
-from simba_cli.simba.flops import FlopsCount, analytic, count_head, count_layer
-from simba_cli.simba.pruned import DENSE, PruneConfig, pruned_forward, pruned_prefill
+from simba_cli.simba.runner import ModelRunner
+from simba_cli.simba.settings import PruneConfig
+from simba_cli.typed import convert
 
 _PRUNE_KEYS = ("schedule", "final_keep", "first_layer", "stages", "criterion", "seed")
-
-
-def _as_int(value, name: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be an integer, got {value!r}") from None
-
+_OTHER_KEYS = ("pretrained", "batch_size", "max_length", "device", "dtype", "tokenizer")
+_IGNORED = ("max_batch_size", "trust_remote_code")  # lm-eval passes them to every model
 
 # lm-eval's own CLI (simba_cli.lm_eval) keeps every SimbaLM it makes, to report what they ran; elsewhere
 # nothing holds on to a model
@@ -46,45 +45,32 @@ KEEP_INSTANCES = False
 INSTANCES: list = []
 
 
+def _int(value, name: str) -> int:
+    return convert(int, value, name, strings=True)
+
+
 @register_model("simba")
 class SimbaLM(TemplateLM):
-    def __init__(self, pretrained: str = "zoo-m", batch_size=8, max_length=2048, device: str | None = None,
-                 dtype: str = "float32", tokenizer: str | None = None, model=None, **prune_args):
+    def __init__(self, pretrained: str = "zoo-m", batch_size=8, max_length=None, device: str | None = None,
+                 dtype: str = "float32", tokenizer: str | None = None, runner: ModelRunner | None = None,
+                 **prune_args):
         super().__init__()
-        unknown = set(prune_args) - set(_PRUNE_KEYS) - {"max_batch_size", "trust_remote_code"}
+        unknown = set(prune_args) - set(_PRUNE_KEYS) - set(_IGNORED)
         if unknown:
-            raise UserError(f"unknown simba model arguments {sorted(unknown)}; known: pretrained, batch_size, "
-                            f"max_length, device, dtype, tokenizer, {', '.join(_PRUNE_KEYS)}")
+            raise UserError(f"unknown simba model arguments {sorted(unknown)}; known: "
+                            f"{', '.join(_OTHER_KEYS + _PRUNE_KEYS)}")
+        kinds = typing.get_type_hints(PruneConfig)
+        given = {k: convert(kinds[k], v, k, strings=True) for k, v in prune_args.items() if k in _PRUNE_KEYS}
         self.accelerator = None
-        self._init_distributed(device)
-        if model is not None:  # an already loaded LoadedModel (compare reuses one model for many settings)
-            loaded, base = model, None
-        else:
-            from simba_cli.models.loading import DTYPES
-            from simba_cli.simba.artifact import load_any
-
-            if dtype not in DTYPES:
-                raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-            loaded, base = load_any(str(pretrained), device=self._device, dtype=DTYPES[dtype], tokenizer=tokenizer)
-        if loaded.tokenizer is None:
-            raise UserError(f"{pretrained} has no tokenizer; pass tokenizer=DIR")
-        self.loaded = loaded
-        self.model = loaded.model.to(self._device).eval()
-        self.tokenizer = loaded.tokenizer
-        given = {k: v for k, v in prune_args.items() if k in _PRUNE_KEYS}
-        if given.get("schedule") == "none":
-            start = DENSE
-        elif base is not None:
-            start = base  # the artifact's own schedule, unless overridden below
-        else:
-            start = PruneConfig() if given else DENSE  # any pruning argument means linear unless said otherwise
-        self.config = dataclasses.replace(start, **{k: _cast(k, v) for k, v in given.items()})
-        self.batch_size_per_gpu = _as_int(batch_size if batch_size != "auto" else 8, "batch_size")
+        device = self._init_distributed(device)
+        # compare hands over a loaded runner, to reuse one model for many settings
+        self.runner = runner or ModelRunner.load(str(pretrained), device, dtype, tokenizer, fall_back=True, **given)
+        self.batch_size_per_gpu = _int(8 if batch_size == "auto" else batch_size, "batch_size")
         if self.batch_size_per_gpu < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        self._max_length = _as_int(max_length, "max_length")
-        self.flops: FlopsCount | None = None
-        self.forwards = 0
+        self._max_length = None if max_length is None else _int(max_length, "max_length")
+        if self._max_length is not None and self._max_length < 2:
+            raise UserError(f"max_length must be at least 2 tokens, got {max_length}")
         if KEEP_INSTANCES:
             INSTANCES.append(self)
 
@@ -96,18 +82,40 @@ class SimbaLM(TemplateLM):
 
             self.accelerator = Accelerator()
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            self._device = self.accelerator.device
-        else:
-            self._device = resolve_device(device, fall_back=True)
+            return self.accelerator.device
+        return device
+
+    @property
+    def config(self) -> PruneConfig:
+        return self.runner.config
+
+    @config.setter
+    def config(self, value: PruneConfig):
+        self.runner.config = value
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def tokenizer(self):
+        return self.runner.tokenizer
+
+    def measured(self) -> dict:
+        return self.runner.measured()
 
     # --- what lm-eval asks of a model -------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        return self.runner.eos_token_id
 
     @property
     def max_length(self) -> int:
-        return self._max_length
+        if self._max_length is not None:
+            return self._max_length
+        from lm_eval.models.utils import resolve_max_length
+
+        return resolve_max_length(None, self.tokenizer)  # Mamba configs name no maximum length
 
     @property
     def batch_size(self) -> int:
@@ -115,7 +123,7 @@ class SimbaLM(TemplateLM):
 
     @property
     def device(self):
-        return self._device
+        return self.runner.device
 
     @property
     def tokenizer_name(self) -> str:
@@ -142,61 +150,29 @@ class SimbaLM(TemplateLM):
             self.accelerator.wait_for_everyone()
 
     # --- scoring ----------------------------------------------------------------------------------------
-    def _count(self, flops: FlopsCount):
-        self.flops = flops if self.flops is None else self.flops + flops
-        self.forwards += 1
-
-    def measured(self) -> dict:
-        """What really ran: FLOPs (total, per request token) and tokens per layer over all forwards."""
-        if self.flops is None:
-            return {"forwards": 0}
-        f = self.flops
-        return {"forwards": self.forwards, "flops": f.total, "flops_per_input_token": f.total / max(1, f.input_tokens),
-                "input_tokens": f.input_tokens, "head_positions": f.head_positions,
-                "keep_ratios": [round(r, 5) for r in f.keep_ratios], "tokens_per_layer": f.tokens_in,
-                "mean_keep": sum(f.keep_ratios) / len(f.keep_ratios)}
-
-    @torch.no_grad()
-    def _score(self, batch: list[tuple[list[int], list[int]]], mode: str) -> list[tuple[float, bool]]:
-        """Sum of log-probabilities of each continuation given its context, and whether it is greedy."""
-        inputs, n_cont, targets = [], [], []
-        for ctx, cont in batch:
-            whole = (ctx + cont)[-(self.max_length + 1):]
-            k = min(len(cont), len(whole) - 1)  # a continuation longer than the window is cut like `hf` does
-            inputs.append(whole[:-1])
-            n_cont.append(k)
-            targets.append(whole[-k:])
-        lengths = torch.tensor([len(x) for x in inputs], device=self.device)
-        L = int(lengths.max())
-        ids = torch.zeros(len(inputs), L, dtype=torch.long, device=self.device)
-        protected = torch.zeros(len(inputs), L, dtype=torch.bool, device=self.device)
-        for i, (x, k) in enumerate(zip(inputs, n_cont)):
-            ids[i, :len(x)] = torch.tensor(x)
-            protected[i, len(x) - k:len(x)] = True
-        config = dataclasses.replace(self.config, mode=mode)
-        out = pruned_forward(self.model, ids, config, lengths, protected=protected if mode == "protect" else None)
-        self._count(out.flops)
-        results = []
-        for i, (x, k) in enumerate(zip(inputs, n_cont)):
-            rows = (out.positions[i] >= len(x) - k) & (out.positions[i] < len(x)) & out.valid[i]
-            logp = F.log_softmax(out.logits[i][rows].float(), dim=-1)  # (k, V), in position order
-            target = torch.tensor(targets[i], device=self.device)
-            picked = logp.gather(1, target[:, None]).squeeze(1)
-            results.append((float(picked.sum()), bool((logp.argmax(-1) == target).all())))
-        return results
-
     def _run_batches(self, requests: list, mode: str) -> list[tuple[float, bool]]:
         # Longest first, so each batch pads little; answers go back in the requests' order.
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         answers: list = [None] * len(requests)
         for s in range(0, len(order), self.batch_size):
             chunk = order[s:s + self.batch_size]
-            scored = self._score([(requests[i][1], requests[i][2]) for i in chunk], mode)
+            scored = self.runner.loglikelihood([(requests[i][1], requests[i][2]) for i in chunk], mode,
+                                               self.max_length)
             for i, answer in zip(chunk, scored):
                 answers[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            self._progress(len(chunk))
         return answers
+
+    def _progress(self, n: int):
+        """Requests done, for a caller's progress bar (`on_progress`, set by `simba eval`)."""
+        callback = getattr(self, "on_progress", None)
+        if callback is not None:
+            callback(n)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)  # progress is the caller's bar, not tqdm's
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         return self._run_batches(requests, "protect")
@@ -219,25 +195,7 @@ class SimbaLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return totals
 
-    @torch.no_grad()
-    def generate_text(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                      seed: int = 0) -> str:
-        from simba_cli.models.decode import generate, prefill
-
-        ids = self.tok_encode(prompt)
-        if not ids:
-            raise UserError("the prompt is empty; give some text with --prompt")
-        prefill_fn = prefill if self.config.schedule == "none" else pruned_prefill(self.config)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        new = generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens, prefill_fn=prefill_fn,
-                       eos_token_id=self.eot_token_id, temperature=temperature, top_p=top_p, generator=gen)
-        return self.tok_decode(new[0].tolist())
-
-    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from simba_cli.models.decode import generate, prefill
-
-        prefill_fn = prefill if self.config.schedule == "none" else pruned_prefill(self.config)
         outputs = []
         for req in requests:
             context, kwargs = req.args
@@ -247,34 +205,12 @@ class SimbaLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", 256))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            new = generate(self.model, torch.tensor([ids], device=self.device), max_new, prefill_fn=prefill_fn,
-                           eos_token_id=self.eot_token_id, temperature=temperature)
-            self._count(generation_flops(self.model.cfg, self.config, len(ids), new.shape[1]))
-            text = self.tok_decode(new[0].tolist())
+            # the end-of-text token ends a generation and is not part of its text (as lm-eval's `hf` model)
+            text = self.tok_decode(self.runner.generate_ids(ids, max_new, temperature))
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
+            self._progress(1)
         return outputs
-
-
-def generation_flops(cfg, config: PruneConfig, prompt_tokens: int, new_tokens: int) -> FlopsCount:
-    """FLOPs of one generation: the (pruned) prefill of the prompt with logits at its last token, exactly as
-    `pruned_forward` counts a single sequence, then one dense recurrent step per further token. The decode
-    steps add to every layer and the head; the keep ratios stay those of the prompt."""
-    ratios = None if config.schedule == "none" else config.keep_ratios(cfg.n_layer)
-    count = analytic(cfg, prompt_tokens, ratios, config.criterion, head_positions=1)
-    steps = max(0, new_tokens - 1)  # the prefill's logits give the first new token
-    count.layer = [f + count_layer(cfg, steps) for f in count.layer]
-    count.head += count_head(cfg, steps)
-    count.head_positions += steps
-    return count
-
-
-def _cast(key: str, value):
-    kinds = {"final_keep": float, "first_layer": int, "stages": int, "seed": int, "schedule": str, "criterion": str}
-    try:
-        return kinds[key](value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key} must be a {kinds[key].__name__}, got {value!r}") from None

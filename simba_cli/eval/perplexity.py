@@ -21,10 +21,19 @@ from simba_cli.simba.settings import PruneConfig
 
 
 def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluation") -> torch.Tensor:
+    """The held-out token stream of any data source `finetune` takes (its evaluation split by default)."""
     from simba_cli.data.corpus import load_texts
     from simba_cli.data.tokens import tokenize_documents
 
     return tokenize_documents(tokenizer, load_texts(source, split))
+
+
+def check_stream(stream: torch.Tensor, contexts: list[int], windows: int, source: str = "the held-out text"):
+    """A one-line error when the stream cannot hold `windows` windows of the longest context."""
+    longest = max(contexts)
+    if stream.numel() < longest + windows + 1:
+        raise UserError(f"{source} has {stream.numel()} held-out tokens, too few for {windows} windows of {longest}; "
+                        f"use shorter --ppl-contexts or more text")
 
 
 def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
@@ -42,14 +51,12 @@ def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
 @torch.no_grad()
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
-                            device="cpu") -> list[dict]:
+                            device="cpu", on_window=None) -> list[dict]:
     """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, and
     each window's mean NLL per scored token (`window_nll`, in window order)."""
     contexts = check_ppl_args(contexts, score_last, windows)
+    check_stream(stream, contexts, windows)
     longest = contexts[-1]
-    if stream.numel() < longest + windows + 1:
-        raise UserError(f"the held-out text has {stream.numel()} tokens, too few for {windows} windows of "
-                        f"{longest}; use shorter contexts or more text")
     ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
     config = dataclasses.replace(config, mode="protect")
     rows = []
@@ -69,13 +76,17 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
             per_window += (window_nll / score_last).tolist()
             nll += float(window_nll.sum())
             count += targets.numel()
+            if on_window is not None:
+                on_window(len(batch))
         rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
                      "flops": flops.total, "flops_per_window": flops.total / len(ends),
-                     "mean_keep": sum(flops.keep_ratios) / len(flops.keep_ratios),
+                     "mean_keep": flops.mean_keep,
                      "window_nll": per_window})  # per window, for paired differences
     return rows
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
-    """Perplexity rows for a table: everything but the per-window list (kept in the JSON results)."""
-    return [{k: v for k, v in r.items() if k != "window_nll"} for r in rows]
+    """Perplexity rows for a table, narrow enough for a terminal: the per-window list, the total FLOPs and
+    the NLL stay in the JSON results."""
+    keep = ("model", "setting", "context", "ppl", "scored_tokens", "flops_per_window", "mean_keep")
+    return [{k: r[k] for k in keep if k in r} for r in rows]

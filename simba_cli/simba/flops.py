@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from simba_cli.models.config import MambaConfig
+from simba_cli.simba.settings import mean_keep
 
 
 def layer_flops_per_token(cfg: MambaConfig) -> dict[str, int]:
@@ -92,6 +93,27 @@ class FlopsCount:
             self.head + other.head, self.head_positions + other.head_positions,
             self.sequences + other.sequences, self.input_tokens + other.input_tokens,
         )
+
+    @property
+    def mean_keep(self) -> float:
+        return mean_keep(self.keep_ratios)
+
+    def __sub__(self, other: FlopsCount) -> FlopsCount:
+        """What ran between two running totals (`after - before`)."""
+        return FlopsCount(
+            [a - b for a, b in zip(self.tokens_in, other.tokens_in)],
+            [a - b for a, b in zip(self.layer, other.layer)],
+            [a - b for a, b in zip(self.criterion, other.criterion)],
+            self.head - other.head, self.head_positions - other.head_positions,
+            self.sequences - other.sequences, self.input_tokens - other.input_tokens,
+        )
+
+    def summary(self) -> dict:
+        """The measured record every result carries: FLOPs, per input token, and the keep ratios."""
+        return {"flops": self.total, "flops_per_input_token": self.total / max(1, self.input_tokens),
+                "input_tokens": self.input_tokens, "head_positions": self.head_positions,
+                "keep_ratios": [round(r, 5) for r in self.keep_ratios], "tokens_per_layer": self.tokens_in,
+                "mean_keep": self.mean_keep}
 
     def to_dict(self) -> dict:
         d = asdict(self)
