@@ -39,6 +39,9 @@ def command(name: str | None = None, **kwargs):
             except UserError as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(run)
 
@@ -269,12 +272,17 @@ def compare_cmd(
     if changes:
         spec = CompareSpec(**{**spec.__dict__, **changes})
     summary = run_compare(spec, out, overwrite=overwrite, resume=resume, progress=not quiet)
-    keep = ("model", "setting", "task", "metric", "flops_per_doc", "mean_keep", "dense_at_flops", "vs_dense")
-    rows = [{k: r.get(k) for k in keep} | {"value": r.get(r.get("metric"))} for r in summary["rows"]]
-    print_table(rows, title="dense vs Simba at measured FLOPs")
+    rows = [{"model": Path(r["model"]).name, "setting": r["setting"], "task": r["task"], "metric": r["metric"],
+             "value": r.get(r["metric"]), "FLOPs/doc": r["flops_per_doc"], "keep": r["mean_keep"],
+             "vs_dense": r["vs_dense"]} for r in summary["rows"]]
+    print_table(rows, title="dense vs Simba at measured FLOPs (vs_dense: minus the dense curve at equal FLOPs)")
+    subject = spec.criteria[0]
     if summary["paired"]:
-        print_table([p for p in summary["paired"] if p["vs"] != "dense"], title="Simba minus baseline, paired")
-        print_table(summary["pooled"], title="paired differences pooled over models, keeps and tasks (Stouffer z)")
+        keep = ("setting", "task", "vs", "diff", "stderr", "beyond_2se")
+        print_table([{"model": Path(p["model"]).name} | {k: p[k] for k in keep} for p in summary["paired"]
+                     if p["vs"] != "dense"], title=f"{subject} minus baseline, paired (positive: {subject} better)")
+        print_table(summary["pooled"], title=f"pooled over models, keeps and tasks (Stouffer z; positive: {subject} "
+                                             f"better)")
     if summary["perplexity"]:
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")

@@ -10,3 +10,9 @@ class UserError(Exception):
     """Bad input: one line that names the problem and the fix (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C during long work: one line that says what was kept and how to continue (exit code 130)."""
+
+    exit_code = 130

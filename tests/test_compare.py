@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
-from simba_cli.eval.compare import CompareSpec, at_equal_flops, paired, pooled_z
+from simba_cli.eval.compare import CompareSpec, at_equal_flops
+from simba_cli.eval.stats import paired, pooled_z
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,11 +50,22 @@ def test_difference_to_dense_is_read_off_the_dense_curve_in_log_flops():
 
 
 def test_perplexity_is_interpolated_in_log_space():
-    rows = [{"task": "simba_cloze", "setting": "dense", "model": m, "flops_per_doc": f, "perplexity": p}
+    rows = [{"task": "wikitext", "setting": "dense", "model": m, "flops_per_doc": f, "word_perplexity": p}
             for m, f, p in (("a", 100.0, 100.0), ("b", 400.0, 25.0))]
-    rows.append({"task": "simba_cloze", "setting": "x", "model": "b", "flops_per_doc": 200.0, "perplexity": 40.0})
+    rows.append({"task": "wikitext", "setting": "x", "model": "b", "flops_per_doc": 200.0, "word_perplexity": 40.0})
     at_equal_flops(rows)
     assert rows[2]["dense_at_flops"] == pytest.approx(50.0)  # geometric mean of 100 and 25
+    assert rows[2]["dense_curve"] == "monotone"  # perplexity falls with FLOPs: the curve is right
+
+
+def test_a_dense_curve_that_is_not_monotone_in_flops_is_flagged():
+    rows = [{"task": "t", "setting": "dense", "model": m, "flops_per_doc": f, "acc": a}
+            for m, f, a in (("a", 100.0, 0.5), ("b", 200.0, 0.4), ("c", 400.0, 0.6))]
+    at_equal_flops(rows)
+    assert {r["dense_curve"] for r in rows} == {"not monotone"}
+    rows[1]["acc"] = 0.55
+    at_equal_flops(rows)
+    assert {r["dense_curve"] for r in rows} == {"monotone"}
 
 
 def test_paired_difference_and_standard_error():
@@ -116,7 +128,8 @@ ppl_windows: 2
     (tmp_path / "mine" / "notes.txt").write_text("a user's own file")
     other = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(tmp_path / "mine"),
                                      "--overwrite", "--quiet"])
-    assert other.exit_code == 2 and "no compare wrote" in other.output and (tmp_path / "mine" / "notes.txt").exists()
+    assert other.exit_code == 2 and "no `simba compare` wrote" in other.output
+    assert (tmp_path / "mine" / "notes.txt").exists()
     parts = sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir())
     resumed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output

@@ -5,14 +5,21 @@ beside the baselines (`recent`, `random` by default: at tiny scale Simba mostly 
 so `recent` must always be shown); where `flops-match` can reach the next smaller model's FLOPs, that
 point too. Every number of FLOPs is measured from the evaluation itself. The difference to dense at
 equal FLOPs is read off the dense models' FLOPs-accuracy curve, interpolated in log FLOPs (None
-outside the curve: no extrapolation). Then long-context perplexity against context length.
+outside the curve: no extrapolation; a curve that is not monotone in FLOPs is flagged). Then
+long-context perplexity against context length.
 
-Each finished evaluation is saved under parts/ at once, so an interrupted compare resumes (--resume).
+    setup(spec)            every model, task and setting resolved and checked; nothing written yet
+    prepare_out(...)       --out claimed (new, --resume or --overwrite), compare.yaml written
+    run(plan, out)         each finished evaluation saved under parts/ at once (an interrupted run resumes)
+    finish(plan, out, ...) tables, paired differences, plots, summary.json
+
+Rows are identified by their model, task and `PruneConfig` (its `key()`), never by their labels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -22,14 +29,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from simba_cli.errors import UserError
+from simba_cli.errors import Interrupted, UserError
+from simba_cli.eval.stats import pair_row, paired, pooled_z
 from simba_cli.eval.tasks import TASKS
 from simba_cli.simba.settings import DENSE, PruneConfig
 
-# The metric each task is read by (higher is better unless listed in LOWER_IS_BETTER).
-MAIN_METRIC = {"simba_cloze": "perplexity", "simba_choice": "acc_norm", "simba_recall": "acc",
+# The metric each task is read by (higher is better unless listed in LOWER_IS_BETTER). The cloze task is
+# read by the mean log-likelihood per target token (lm-eval's per-word perplexity of a tiny model is a number
+# near 1e9 that says little): derived from its samples.
+MAIN_METRIC = {"simba_cloze": "loglik_per_token", "simba_choice": "acc_norm", "simba_recall": "acc",
                "lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "arc_easy": "acc",
-               "arc_challenge": "acc_norm", "winogrande": "acc"}
+               "arc_challenge": "acc_norm", "winogrande": "acc", "wikitext": "word_perplexity"}
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
@@ -81,38 +91,272 @@ class CompareSpec:
 
     @classmethod
     def from_yaml(cls, path: Path) -> CompareSpec:
+        from simba_cli.typed import build
+
         try:
-            body = yaml.safe_load(Path(path).read_text()) or {}
+            body = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as e:
             raise UserError(f"cannot read compare recipe {path} ({e})") from e
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(body) - known
-        if unknown:
-            raise UserError(f"compare recipe {path}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**body)
+        if body is None:
+            raise UserError(f"compare recipe {path} is empty; see recipes/compare.yaml for an example")
+        return build(cls, body, f"compare recipe {path}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def settings_for(spec: CompareSpec, model: str, smaller: str | None) -> list[tuple[str, PruneConfig]]:
-    """(label, config) for one model: dense, the sweep for every criterion, and the FLOPs-matched point."""
-    out = [("dense", DENSE)]
+@dataclass(frozen=True)
+class Setting:
+    """One way of running a model: its prune settings and, for a FLOPs-matched point, the model matched."""
+
+    config: PruneConfig
+    matched: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.config.label() + (f" @{Path(self.matched).name}" if self.matched else "")
+
+
+@dataclass
+class Plan:
+    """What `setup` resolved: the models, each one's settings, the tasks and the perplexity settings."""
+
+    spec: CompareSpec
+    models: list[str]
+    settings: dict[str, list[Setting]]
+    tasks: dict | None  # lm-eval's loaded task dict
+    leaves: list[str]  # the tasks that run (a group such as mmlu runs as its member tasks)
+    ppl_settings: list[Setting]
+
+    @property
+    def n_jobs(self) -> int:
+        n = sum(len(s) for s in self.settings.values()) * len(self.leaves)
+        return n + len(self.models) * len(self.ppl_settings) * bool(self.spec.ppl_contexts)
+
+
+def settings_for(spec: CompareSpec, model: str, smaller: str | None) -> list[Setting]:
+    """Dense, the sweep for every criterion, and the FLOPs-matched point."""
+    out = [Setting(DENSE)]
     for k in spec.final_keeps:
-        for c in spec.criteria:
-            out.append((f"{c} {k:g}", PruneConfig(spec.schedule, k, criterion=c, seed=spec.seed)))
+        out += [Setting(PruneConfig(spec.schedule, k, criterion=c, seed=spec.seed)) for c in spec.criteria]
     if spec.match_flops and smaller is not None:
         from simba_cli.simba.flops_tables import match_final_keep
 
         m = match_final_keep(model, smaller, spec.match_seq_len, PruneConfig(spec.schedule), head="last")
         if m.reachable and m.final_keep < 1:  # Simba and the recency baseline (random adds little here)
-            for c in [c for c in spec.criteria if c != "random"]:
-                out.append((f"{c} @{smaller}", PruneConfig(spec.schedule, round(m.final_keep, 6), criterion=c,
-                                                           seed=spec.seed)))
+            out += [Setting(PruneConfig(spec.schedule, round(m.final_keep, 6), criterion=c, seed=spec.seed), smaller)
+                    for c in spec.criteria if c != "random"]
     return out
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same documents, and its standard error."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+def setup(spec: CompareSpec) -> Plan:
+    """Resolve and check everything (models, tasks, FLOPs matches) before anything is written."""
+    from simba_cli.eval.harness import task_dict
+    from simba_cli.models import zoo
+    from simba_cli.simba.flops_tables import model_config
+
+    models = spec.models or zoo.names()
+    for name in models:
+        model_config(name)  # a one-line error for a model that does not exist
+    settings = {name: settings_for(spec, name, models[i - 1] if i else None) for i, name in enumerate(models)}
+    tasks = task_dict(spec.tasks) if spec.tasks else None
+    leaves = list(tasks["tasks"]) if tasks else []
+    ppl = [Setting(DENSE)] + [Setting(PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c, seed=spec.seed))
+                              for c in spec.ppl_criteria]
+    return Plan(spec, models, settings, tasks, leaves, ppl)
+
+
+def prepare_out(out: Path, spec: CompareSpec, overwrite: bool = False, resume: bool = False) -> bool:
+    """Claim `out` for this comparison; True when finished parts of an earlier run are reused."""
+    from simba_cli.outdir import check_out, replace, write_atomic
+
+    resuming = check_out(out, "compare.yaml", "compare", overwrite=overwrite, resume=resume)
+    parts = sorted((out / "parts").glob("*.json")) if resuming else []
+    if parts and CompareSpec.from_yaml(out / "compare.yaml") != spec:
+        raise UserError(f"--resume with settings that differ from {out}/compare.yaml; resume with those, or "
+                        f"pass --overwrite to start again")
+    if not resuming:
+        replace(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "compare.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    return bool(parts)
+
+
+def _part_path(out: Path, model: str, setting: Setting, task: str) -> Path:
+    """parts/<model>__<label>__<task>__<hash of the whole setting>.json: readable, and unique per setting."""
+    ident = json.dumps([model, setting.config.to_dict(), setting.matched, task])
+    name = "__".join(x.replace("/", "_").replace(" ", "_").replace("@", "at-")
+                     for x in (Path(model).name, setting.label, task))
+    return out / "parts" / f"{name}__{hashlib.sha256(ident.encode()).hexdigest()[:8]}.json"
+
+
+@dataclass
+class Result:
+    """One evaluation: its table row and its per-document (or per-window) values, higher is better."""
+
+    model: str
+    setting: Setting
+    task: str
+    row: dict
+    per_doc: list[float]
+
+
+def run(plan: Plan, out: Path, progress: bool = True) -> tuple[list[Result], list[Result]]:
+    """Every evaluation of the plan, reusing finished parts: (task results, perplexity results)."""
+    import torch
+
+    from simba_cli.eval.harness import only, run_tasks
+    from simba_cli.eval.lm import SimbaLM
+    from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+    from simba_cli.outdir import write_atomic
+    from simba_cli.report.progress import Bar
+    from simba_cli.simba.runner import ModelRunner
+
+    spec = plan.spec
+    torch.manual_seed(spec.seed)
+    results, ppl_results = [], []
+    with Bar(progress, plan.n_jobs, "compare", unit="eval") as bar:
+        for name in plan.models:
+            runner = ModelRunner.load(name, spec.device)
+            lm = SimbaLM(runner=runner, batch_size=spec.batch_size)
+            for setting in plan.settings[name]:
+                for task in plan.leaves:
+                    path = _part_path(out, name, setting, task)
+                    if not path.is_file():
+                        bar.describe(f"{Path(name).name} {setting.label} {task}")
+                        runner.config = setting.config
+                        r = run_tasks(lm, only(plan.tasks, task), limit=spec.limit, log_samples=True)
+                        write_atomic(path, json.dumps(_part(lm, name, setting, task, r)) + "\n")
+                    part = json.loads(path.read_text())
+                    results.append(Result(name, setting, task, part["row"], part["per_doc"]))
+                    bar.advance()
+            if spec.ppl_contexts:
+                stream = token_stream(runner.tokenizer)
+                for setting in plan.ppl_settings:
+                    path = _part_path(out, name, setting, "ppl")
+                    if not path.is_file():
+                        bar.describe(f"{Path(name).name} {setting.label} perplexity")
+                        rows = long_context_perplexity(runner.model, stream, setting.config, spec.ppl_contexts,
+                                                       spec.ppl_score_last, spec.ppl_windows, spec.batch_size,
+                                                       runner.device)
+                        rows = [{"model": name, "setting": setting.label, **r} for r in rows]
+                        write_atomic(path, json.dumps(rows) + "\n")
+                    for r in json.loads(path.read_text()):
+                        ppl_results.append(Result(name, setting, f"ppl@{r['context']}", r,
+                                                  [-x for x in r["window_nll"]]))
+                    bar.advance()
+            del lm, runner
+    return results, ppl_results
+
+
+def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Result], started: float) -> dict:
+    """Tables (CSV, Markdown, JSON), paired differences, plots and summary.json."""
+    from simba_cli.eval.perplexity import table_rows
+    from simba_cli.outdir import write_atomic
+    from simba_cli.provenance import provenance
+    from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
+    from simba_cli.report.tables import write_tables
+
+    spec = plan.spec
+    rows = [r.row for r in results]
+    ppl_rows = [r.row for r in ppl_results]
+    at_equal_flops(rows)
+    subject = spec.criteria[0]
+    pairs = paired_rows(results, subject) + paired_rows(ppl_results, subject)
+    pooled = pooled_z(pairs)
+    write_tables(rows, out / "compare", notes=COMPARE_NOTES)
+    if ppl_rows:
+        write_tables(table_rows(ppl_rows), out / "perplexity", notes=PPL_NOTES)
+    if pairs:
+        write_tables(pairs, out / "paired", notes=PAIRED_NOTES.format(subject=subject))
+        write_tables(pooled, out / "pooled", notes=POOLED_NOTES.format(subject=subject))
+    figures = {}
+    if rows:
+        plot_flops_accuracy(rows, out / "flops_accuracy.png")
+        figures["flops_accuracy"] = "flops_accuracy.png"
+    if ppl_rows:
+        plot_ppl_context(ppl_rows, out / "ppl_context.png")
+        figures["ppl_context"] = "ppl_context.png"
+    summary = {"spec": spec.to_dict(), "rows": rows, "perplexity": ppl_rows, "paired": pairs, "pooled": pooled,
+               "figures": figures, "elapsed_s": time.time() - started,
+               "provenance": provenance(seed=spec.seed, device=spec.device)}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: bool = False,
+                progress: bool = True) -> dict:
+    """setup, prepare_out, run, finish; returns the summary (also written to out/summary.json)."""
+    out = Path(out)
+    started = time.time()
+    plan = setup(spec)
+    prepare_out(out, spec, overwrite, resume)
+    try:
+        results, ppl_results = run(plan, out, progress)
+    except KeyboardInterrupt:
+        done = len(list((out / "parts").glob("*.json")))
+        raise Interrupted(f"interrupted; {done} finished evaluations are kept in {out / 'parts'}: continue with "
+                          f"the same command and --resume") from None
+    return finish(plan, out, results, ppl_results, started)
+
+
+COMPARE_NOTES = """\
+One row per model, setting and task. `setting`: dense, or `<criterion> <final_keep>` (linear schedule unless
+named); `@<model>`: pruned to the measured FLOPs of that smaller dense model. `metric` names the column the
+task is read by (higher is better; `loglik_per_token`: mean log-likelihood per target token, nats).
+`flops_per_doc` and `mean_keep` are measured from the forwards that ran. `dense_at_flops`: the dense models'
+curve, interpolated in log FLOPs, at this row's FLOPs; `vs_dense`: the row's metric minus it (positive:
+better than a dense model of the same cost). "-": outside the dense curve (no extrapolation) or not
+measured. `dense_curve`: "not monotone" where a larger dense model scored worse than a smaller one, which
+makes the interpolation a guide at best.
+"""
+
+PPL_NOTES = """\
+Perplexity of the last `ppl_score_last` tokens of each window (protected: never pruned), against the
+context length; `flops_per_window` and `mean_keep` measured.
+"""
+
+PAIRED_NOTES = """\
+`diff`: {subject} minus `vs` over the same documents (or perplexity windows), in the units of `per_doc`
+(acc, acc_norm: 0/1 per document; loglik/token: nats per token); positive means {subject} is better.
+`stderr`: the standard error of the paired mean; `z` = diff / stderr; `beyond_2se` marks |z| > 2.
+"""
+
+POOLED_NOTES = """\
+Stouffer's z over every paired comparison with `vs` (each diff over its stderr, summed, over sqrt(n));
+positive means {subject} is better; `better` / `worse`: how many comparisons point each way.
+"""
+
+
+def _part(lm, model: str, setting: Setting, task: str, r: dict) -> dict:
+    """A finished evaluation: its row and the per-document values of its main metric."""
+    metrics = dict(r["metrics"].get(task, {}))
+    measured = r["measured"]
+    n_docs = r["n_samples"][task]["effective"] if r.get("n_samples") else None
+    metric = MAIN_METRIC.get(task, "acc")
+    samples = (r.get("samples") or {}).get(task, [])
+    if metric == "loglik_per_token":  # the sample's `perplexity` entry is its log-likelihood
+        per_doc = [_scalar(s.get("perplexity")) / len(lm._encode_pair(*s["arguments"][0][:2])[1]) for s in samples]
+        metrics["loglik_per_token"], metrics["loglik_per_token_stderr"] = _mean_se(per_doc)
+    else:
+        per_doc = [_scalar(s.get(metric)) for s in samples]
+    config = setting.config
+    row = {"model": model, "setting": setting.label, "criterion": "-" if config.dense else config.criterion,
+           "final_keep": 1.0 if config.dense else config.final_keep, "matched": setting.matched, "task": task,
+           "docs": n_docs, **metrics, "flops_per_doc": measured["flops"] / max(1, n_docs or 1),
+           "mean_keep": measured.get("mean_keep"), "keep_ratios": measured.get("keep_ratios")}
+    return {"row": row, "per_doc": per_doc, "prune": config.to_dict()}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _scalar(v) -> float:
+    if isinstance(v, (list, tuple)):
+        v = v[0]
+    return float("nan") if v is None else float(v)
 
 
 def dense_curve(rows: list[dict], task: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,209 +366,53 @@ def dense_curve(rows: list[dict], task: str, metric: str) -> tuple[np.ndarray, n
 
 
 def at_equal_flops(rows: list[dict]) -> None:
-    """Add `vs_dense` (metric minus the dense curve at the same FLOPs) and the curve value to each row."""
+    """Add `vs_dense` (metric minus the dense curve at the same FLOPs), the curve's value there, and whether
+    the curve is monotone in FLOPs (`dense_curve`), to each row."""
     for task in {r["task"] for r in rows}:
         metric = MAIN_METRIC.get(task, "acc")
         x, y = dense_curve(rows, task, metric)
-        if metric in LOWER_IS_BETTER:
+        lower = metric in LOWER_IS_BETTER
+        if lower:
             y = np.log(y)  # interpolate perplexity in log space
+        steps = np.diff(-y if lower else y)
+        shape = "monotone" if bool((steps >= 0).all()) else "not monotone"
         for r in rows:
             if r["task"] != task:
                 continue
             r["metric"] = metric
+            r["dense_curve"] = shape
             lx = math.log(r["flops_per_doc"])
             inside = len(x) >= 2 and x[0] - 1e-9 <= lx <= x[-1] + 1e-9
             if not inside or r.get(metric) is None:
                 r["dense_at_flops"] = r["vs_dense"] = None
                 continue
             v = float(np.interp(lx, x, y))
-            v = math.exp(v) if metric in LOWER_IS_BETTER else v
+            v = math.exp(v) if lower else v
             r["dense_at_flops"] = v
             r["vs_dense"] = r[metric] - v
 
 
-def _part_path(out: Path, *keys) -> Path:
-    name = "__".join(str(k).replace("/", "_").replace(" ", "_").replace("@", "at-") for k in keys)
-    return out / "parts" / f"{name}.json"
-
-
-def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: bool = False,
-                progress: bool = True) -> dict:
-    """Run the comparison into `out`; returns the summary (also written there)."""
-    import torch
-
-    from simba_cli.eval.harness import only, run_tasks, task_dict
-    from simba_cli.eval.lm import SimbaLM
-    from simba_cli.eval.perplexity import long_context_perplexity, table_rows, token_stream
-    from simba_cli.outdir import write_atomic
-    from simba_cli.provenance import provenance
-    from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
-    from simba_cli.report.tables import write_tables
-    from simba_cli.simba.artifact import load_any
-
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it or --resume to continue")
-    if overwrite and out.exists() and not resume and any(out.iterdir()):
-        import shutil
-
-        if not (out / "compare.yaml").is_file():  # --overwrite replaces a compare run, nothing else
-            raise UserError(f"{out} holds files that no compare wrote (no compare.yaml); choose another --out")
-        shutil.rmtree(out)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    if resume and (out / "compare.yaml").is_file():
-        saved = CompareSpec.from_yaml(out / "compare.yaml")
-        if saved != spec:
-            raise UserError(f"--resume with settings that differ from {out}/compare.yaml; resume with those")
-    write_atomic(out / "compare.yaml", yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
-    torch.manual_seed(spec.seed)
-    from simba_cli.models.loading import resolve_device
-
-    device = str(resolve_device(spec.device))
-
-    from simba_cli.models import zoo
-
-    models = spec.models or zoo.names()
-    plan = []
-    for i, name in enumerate(models):
-        smaller = models[i - 1] if i > 0 else None
-        plan.append((name, settings_for(spec, name, smaller)))
-    tasks = task_dict(spec.tasks) if spec.tasks else None
-    leaves = list(tasks["tasks"]) if tasks else []  # a group (e.g. mmlu) runs as its member tasks
-    n_jobs = (sum(len(s) for _, s in plan) * len(leaves)
-              + len(models) * (1 + len(spec.ppl_criteria)) * bool(spec.ppl_contexts))
-    started = time.time()
-    rows, ppl_rows, samples = [], [], {}
-    from simba_cli.report.progress import Bar
-
-    with Bar(progress, n_jobs, "compare") as bar:
-        for name, settings in plan:
-            loaded, _ = load_any(name, device=device)
-            lm = SimbaLM(model=loaded, batch_size=spec.batch_size, device=device)
-            for label, config in settings:
-                for task in leaves:
-                    path = _part_path(out, name, label, task)
-                    if path.is_file():
-                        part = json.loads(path.read_text())
-                    else:
-                        bar.describe(f"{name} {label} {task}")
-                        lm.config = config
-                        r = run_tasks(lm, only(tasks, task), limit=spec.limit, log_samples=True)
-                        part = _part(name, label, config, task, r)
-                        write_atomic(path, json.dumps(part) + "\n")
-                    rows.append(part["row"])
-                    samples[(name, label, task)] = part["per_doc"]
-                    bar.advance()
-            if spec.ppl_contexts:
-                stream = token_stream(loaded.tokenizer)
-                for label, config in [("dense", DENSE)] + [
-                        (f"{c} {spec.ppl_final_keep:g}", PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c,
-                                                                    seed=spec.seed))
-                        for c in spec.ppl_criteria]:
-                    path = _part_path(out, name, label, "ppl")
-                    if path.is_file():
-                        part_rows = json.loads(path.read_text())
-                    else:
-                        bar.describe(f"{name} {label} perplexity")
-                        part_rows = [{"model": name, "setting": label, **r} for r in long_context_perplexity(
-                            loaded.model, stream, config, spec.ppl_contexts, spec.ppl_score_last, spec.ppl_windows,
-                            spec.batch_size, device)]
-                        write_atomic(path, json.dumps(part_rows) + "\n")
-                    ppl_rows += part_rows
-                    bar.advance()
-            del lm, loaded
-
-    at_equal_flops(rows)
-    pairs = paired_rows(rows, samples, spec.criteria[0]) + paired_ppl_rows(ppl_rows, spec.criteria[0])
-    write_tables(rows, out / "compare")
-    if ppl_rows:
-        write_tables(table_rows(ppl_rows), out / "perplexity")
-    pooled = pooled_z(pairs)
-    if pairs:
-        write_tables(pairs, out / "paired")
-        write_tables(pooled, out / "pooled")
-    figures = {}
-    if rows:
-        plot_flops_accuracy(rows, out / "flops_accuracy.png")
-        figures["flops_accuracy"] = "flops_accuracy.png"
-    if ppl_rows:
-        plot_ppl_context(ppl_rows, out / "ppl_context.png")
-        figures["ppl_context"] = "ppl_context.png"
-    summary = {"spec": dataclasses.asdict(spec), "rows": rows, "perplexity": ppl_rows, "paired": pairs,
-               "pooled": pooled,
-               "figures": figures, "elapsed_s": time.time() - started,
-               "provenance": provenance(seed=spec.seed, device=str(device))}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _part(model: str, label: str, config: PruneConfig, task: str, r: dict) -> dict:
-    metrics = r["metrics"].get(task, {})
-    measured = r["measured"]
-    n_docs = r["n_samples"][task]["effective"] if r.get("n_samples") else None
-    metric = MAIN_METRIC.get(task, "acc")
-    # Per document: the metric (acc, acc_norm) or, for perplexity, the log-likelihood lm-eval keeps under it.
-    per_doc = [_scalar(s.get(metric)) for s in (r.get("samples") or {}).get(task, [])]
-    row = {"model": model, "setting": label, "criterion": config.criterion if config.schedule != "none" else "-",
-           "final_keep": config.final_keep if config.schedule != "none" else 1.0, "task": task,
-           "docs": n_docs, **metrics,
-           "flops_per_doc": measured["flops"] / max(1, n_docs or 1),
-           "mean_keep": measured.get("mean_keep"), "keep_ratios": measured.get("keep_ratios")}
-    return {"row": row, "per_doc": per_doc}
-
-
-def _scalar(v) -> float:
-    if isinstance(v, (list, tuple)):
-        v = v[0]
-    return float("nan") if v is None else float(v)
-
-
-def paired_rows(rows: list[dict], samples: dict, subject: str = "simba") -> list[dict]:
-    """`subject` (the first criterion of the recipe) minus every other criterion and dense, at the same
-    model, keep and task: the mean difference per document with its standard error."""
+def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
+    """`subject` (the first criterion of the recipe) minus every other criterion at the same model, task
+    and schedule (the same PruneConfig but for the criterion), and minus dense: the mean difference per
+    document (or window) with its standard error."""
+    by_key = {(r.model, r.task, r.setting.config.key()): r for r in results}
     out = []
-    others = sorted({r["criterion"] for r in rows} - {subject, "-"}) + ["dense"]
-    for r in rows:
-        if r["criterion"] != subject:
+    for r in results:
+        config = r.setting.config
+        if config.dense or config.criterion != subject:
             continue
-        mine = samples.get((r["model"], r["setting"], r["task"]))
-        for other in others:
-            label = "dense" if other == "dense" else other + r["setting"][len(subject):]
-            theirs = samples.get((r["model"], label, r["task"]))
-            if not mine or not theirs or len(mine) != len(theirs):
+        others = [o for o in results if o.model == r.model and o.task == r.task and o is not r
+                  and not o.setting.config.dense
+                  and dataclasses.replace(o.setting.config, criterion=subject).key() == config.key()]
+        dense = by_key.get((r.model, r.task, DENSE.key()))
+        for other in others + ([dense] if dense is not None else []):
+            if not r.per_doc or len(r.per_doc) != len(other.per_doc):
                 continue
-            mean, se = paired(mine, theirs)
-            out.append({"model": r["model"], "setting": r["setting"], "task": r["task"],
-                        "per_doc": "loglik" if r.get("metric") in LOWER_IS_BETTER else r.get("metric"),
-                        "vs": other, "diff": mean, "stderr": se, "docs": len(mine)})
-    return out
-
-
-def paired_ppl_rows(ppl_rows: list[dict], subject: str = "simba") -> list[dict]:
-    """`subject` minus every other perplexity setting of the same model and context, paired over windows,
-    as log-likelihood per scored token (higher is better, like the tasks' per-document log-likelihoods)."""
-    by_key = {(r["model"], r["setting"], r["context"]): r for r in ppl_rows}
-    out = []
-    for (model, setting, context), r in by_key.items():
-        if setting.split()[0] != subject:
-            continue
-        keep = setting[len(subject):]
-        for (m2, other, c2), r2 in by_key.items():
-            if (m2, c2) != (model, context) or other == setting or not (other == "dense" or other.endswith(keep)):
-                continue
-            mean, se = paired([-x for x in r["window_nll"]], [-x for x in r2["window_nll"]])
-            out.append({"model": model, "setting": setting, "task": f"ppl@{context}", "per_doc": "loglik/token",
-                        "vs": other.split()[0], "diff": mean, "stderr": se, "docs": len(r["window_nll"])})
-    return out
-
-
-def pooled_z(pairs: list[dict]) -> list[dict]:
-    """One line per baseline: the paired differences against it (every model, keep and task, in their own
-    units) pooled as Stouffer's z = sum(diff / stderr) / sqrt(n); positive means the subject is better.
-    A comparison whose documents all agree (stderr 0) counts as z = 0."""
-    out = []
-    for vs in dict.fromkeys(p["vs"] for p in pairs):
-        zs = [p["diff"] / p["stderr"] if p["stderr"] > 0 else 0.0 for p in pairs if p["vs"] == vs]
-        out.append({"vs": vs, "comparisons": len(zs), "z": sum(zs) / math.sqrt(len(zs)),
-                    "better": sum(z > 0 for z in zs), "worse": sum(z < 0 for z in zs)})
+            mean, se = paired(r.per_doc, other.per_doc)
+            metric = r.row.get("metric")
+            unit = "loglik/token" if r.task.startswith("ppl@") or metric == "loglik_per_token" else metric
+            vs = "dense" if other.setting.config.dense else other.setting.config.criterion
+            out.append(pair_row(mean, se, model=r.model, setting=r.setting.label, task=r.task, per_doc=unit, vs=vs,
+                                docs=len(r.per_doc)))
     return out

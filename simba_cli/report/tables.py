@@ -46,12 +46,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: list[dict], stem: Path, formats=("csv", "md", "json")):
-    """rows -> stem.csv, stem.md, stem.json."""
+def write_tables(rows: list[dict], stem: Path, formats=("csv", "md", "json"), notes: str = ""):
+    """rows -> stem.csv, stem.md (after `notes`: what the columns mean), stem.json."""
     stem = Path(stem)
     if "csv" in formats:
         write_atomic(stem.with_suffix(".csv"), pd.DataFrame(rows).to_csv(index=False))
     if "md" in formats:
-        write_atomic(stem.with_suffix(".md"), markdown_table(rows))
+        write_atomic(stem.with_suffix(".md"), (notes + "\n" if notes else "") + markdown_table(rows))
     if "json" in formats:
         write_atomic(stem.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
