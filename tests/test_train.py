@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
+from simba_cli.errors import Interrupted, UserError
 from simba_cli.models.checkpoint import load_checkpoint
 from simba_cli.train import loop
 from simba_cli.train.recipe import recipe_from_dict
@@ -62,7 +63,7 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp
         return real_lr_at(step, recipe)
 
     monkeypatch.setattr(loop, "lr_at", interrupt_after_13)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"interrupted at step 13; the last checkpoint is step 10: .*--resume"):
         loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", progress=False)
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 10  # the last complete checkpoint survived the interruption
@@ -74,6 +75,26 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_can_be_resumed(data_file, tmp_path, monkeypatch):
+    """Nothing to continue from: --resume starts it again, and the result is the uninterrupted run's."""
+    loop.finetune(tiny_recipe(data_file), tmp_path / "whole", progress=False)
+    real_lr_at = loop.lr_at
+
+    def interrupt_at_3(step, recipe):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, recipe)
+
+    monkeypatch.setattr(loop, "lr_at", interrupt_at_3)
+    with pytest.raises(Interrupted, match="no checkpoint yet, so it starts again from step 0"):
+        loop.finetune(tiny_recipe(data_file), tmp_path / "early", progress=False)
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+    with pytest.raises(UserError, match="pass --resume to continue it or --overwrite"):
+        loop.finetune(tiny_recipe(data_file), tmp_path / "early", progress=False)
+    loop.finetune(tiny_recipe(data_file), tmp_path / "early", resume=True, progress=False)
+    assert losses(tmp_path / "early") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
 
 
 def test_dropout_acts_in_training_only_and_leaves_the_model_plain():
@@ -164,6 +185,7 @@ def test_missing_and_empty_data_are_one_line_errors(data_file, tmp_path):
     (tmp_path / "tiny.txt").write_text("one line only\n")
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "run.json").write_text("{}")
+    (tmp_path / "o" / "recipe.yaml").write_text(tiny_recipe(data_file).to_yaml())
     for data, words in [(tmp_path / "nope.txt", ["does not exist"]), (tmp_path / "empty", ["no text"]),
                         (tmp_path / "empty.jsonl", ["empty"]), (tmp_path / "broken.jsonl", ["cannot read"]),
                         (tmp_path / "tiny.txt", ["too small"])]:
@@ -180,7 +202,7 @@ def test_overwrite_replaces_only_a_run(data_file, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("a user's own file")
     r = CliRunner().invoke(app, ["finetune", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "mine"),
                                  "--overwrite"])
-    assert r.exit_code == 2 and "no finetune wrote" in r.output, r.output
+    assert r.exit_code == 2 and "no `simba finetune` wrote" in r.output, r.output
     assert (tmp_path / "mine" / "notes.txt").is_file()
 
 

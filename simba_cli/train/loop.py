@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from simba_cli.data.bpe import cached_bpe
 from simba_cli.data.corpus import load_texts
 from simba_cli.data.tokens import BatchSampler, eval_windows, tokenize_documents
-from simba_cli.errors import UserError
+from simba_cli.errors import Interrupted, UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.loading import resolve_device
@@ -150,23 +150,6 @@ def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int
     return total / max(1, count)
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, is_main: bool):
-    if resume:
-        if not (out / ckpt.CHECKPOINT).is_file():
-            raise UserError(f"nothing to resume in {out}: no {ckpt.CHECKPOINT}; run without --resume")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        if not any((out / name).exists() for name in ("recipe.yaml", "run.json", ckpt.CHECKPOINT)):
-            raise UserError(f"{out} holds files that no finetune wrote (no recipe.yaml or run.json); "
-                            f"choose another --out")
-        if is_main:
-            shutil.rmtree(out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-
 def _start_model(recipe: Recipe, init_from: str | None, device):
     """(model, tokenizer, prune_from_artifact) for a run: a given model, or a new one from the recipe."""
     if init_from:
@@ -189,35 +172,85 @@ def _start_model(recipe: Recipe, init_from: str | None, device):
     return model.to(device).train(), tokenizer, None
 
 
-def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None = None, resume: bool = False,
-             overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
-    """Train per `recipe` into the run directory `out`; returns the final metrics."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    out = Path(out)
+@dataclass
+class Run:
+    """What `setup` prepared for one training run: everything checked, nothing written yet."""
+
+    recipe: Recipe
+    out: Path
+    device: torch.device
+    dd: Dist
+    model: MambaLM
+    tokenizer: object
+    loss_fn: LossFn
+    train_stream: torch.Tensor
+    val_windows: torch.Tensor
+    init_from: str | None
+    resuming: bool  # --resume with a checkpoint to continue from
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint saves beside the model, optimizer and sampler."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    tokens_seen: int = 0
+    loss: float = float("nan")
+    checkpoint_step: int | None = None
+
+
+def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwrite: bool,
+          device: str | None) -> Run:
+    """Check everything that can fail on bad input (the recipe, the data, the model, --out) and build the
+    model and data; --out is not touched (an --overwrite deletes the old run only in `prepare_out`)."""
+    from simba_cli.outdir import check_out
+
     device = resolve_device(device)
     dd = _setup_distributed(device)
     if recipe.train.batch_size % dd.world:
         raise UserError(f"train.batch_size {recipe.train.batch_size} is not divisible by {dd.world} processes")
-    # everything that can fail on bad input runs before --out is touched (--overwrite deletes the old run)
+    resumable = check_out(out, "recipe.yaml", "finetune", overwrite=overwrite, resume=resume)
     torch.manual_seed(recipe.train.seed)
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
     if artifact_prune is not None and recipe.prune is None:
         recipe.prune = dataclasses.replace(artifact_prune, mode="exit")  # the loss on every position
-    loss_fn = LossFn(recipe)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
     val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
-    if resume and (out / "recipe.yaml").is_file():
-        saved = load_recipe(out / "recipe.yaml")
-        if saved.to_dict() != recipe.to_dict():
-            raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
-    _prepare_out(out, resume, overwrite, dd.main)
+    resuming = resumable and (out / ckpt.CHECKPOINT).is_file()
+    if resuming and load_recipe(out / "recipe.yaml").to_dict() != recipe.to_dict():
+        raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
+    return Run(recipe, out, device, dd, model, tokenizer, LossFn(recipe), train_stream, val_windows, init_from,
+               resuming)
+
+
+def prepare_out(run: Run):
+    """A new run: --out emptied (an --overwrite, or a --resume before the first checkpoint) and the recipe and
+    provenance written. A resumed run: the log cut back to its checkpoint."""
+    from simba_cli.outdir import replace
+
+    if not run.dd.main:
+        return
+    if run.resuming:
+        return
+    replace(run.out)
+    recipe, model = run.recipe, run.model
+    write_atomic(run.out / "recipe.yaml", recipe.to_yaml())
+    info = provenance(seed=recipe.train.seed, device=str(run.device), world_size=run.dd.world,
+                      init_from=run.init_from, parameters=model.num_parameters(), model_config=model.cfg.to_dict(),
+                      train_tokens=run.train_stream.numel(), val_tokens=int(run.val_windows[:, 1:].numel()))
+    write_atomic(run.out / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def train(run: Run, progress: bool = True) -> TrainState:
+    """The training loop, from the checkpoint when resuming: log, held-out evaluations, checkpoints."""
+    recipe, model, device, dd, out = run.recipe, run.model, run.device, run.dd, run.out
     add_dropout(model, recipe.train.dropout)
-    sampler = BatchSampler(train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed)
+    sampler = BatchSampler(run.train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed)
     optimizer = _optimizer(model, recipe)
-    step, elapsed, tokens_seen = 0, 0.0, 0
-    if resume:
+    at = TrainState()
+    if run.resuming:
         state = ckpt.load(out)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -225,21 +258,14 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+        at = TrainState(state["step"], state["elapsed"], state["tokens_seen"], checkpoint_step=state["step"])
         if dd.main:
-            _truncate_log(out / "train_log.jsonl", step)
-    objective = Objective(model, loss_fn)
+            _truncate_log(out / "train_log.jsonl", at.step)
+    objective = Objective(model, run.loss_fn)
     if dd.world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    if dd.main and not resume:
-        write_atomic(out / "recipe.yaml", recipe.to_yaml())
-        info = provenance(seed=recipe.train.seed, device=str(device), world_size=dd.world, init_from=init_from,
-                          parameters=model.num_parameters(), model_config=model.cfg.to_dict(),
-                          train_tokens=train_stream.numel(), val_tokens=int(val_windows[:, 1:].numel()))
-        write_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     log = open(out / "train_log.jsonl", "a") if dd.main else None
 
     def write_log(record: dict):
@@ -252,71 +278,95 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
             ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            "step": step, "elapsed": elapsed, "tokens_seen": tokens_seen})
+                            "step": at.step, "elapsed": at.elapsed, "tokens_seen": at.tokens_seen})
+        at.checkpoint_step = at.step
 
     from simba_cli.report.progress import Bar
 
     bar = Bar(progress and dd.main, recipe.train.steps, "train", ("loss {task.fields[loss]:.3f}",
-              "{task.fields[rate]:,.0f} tok/s"), start=step, loss=float("nan"), rate=0.0)
+              "{task.fields[rate]:,.0f} tok/s"), start=at.step, loss=float("nan"), rate=0.0)
     tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
     window_start, window_tokens = time.perf_counter(), 0
-    loss_value = float("nan")
-    with bar:
-        while step < recipe.train.steps:
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, recipe)
-            batch = sampler.next(dd.rank, dd.world).to(device)
-            with autocast():
-                loss = objective(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            tokens_seen += tokens_per_step
-            elapsed += time.perf_counter() - t0
-            window_tokens += tokens_per_step
-            loss_value = loss.item()
-            if step % recipe.train.log_every == 0 or step == recipe.train.steps:
-                rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                write_log({"step": step, "loss": loss_value, "lr": lr_at(step - 1, recipe), "tokens": tokens_seen,
-                           "tokens_per_s": rate, "elapsed_s": elapsed})
-                window_start, window_tokens = time.perf_counter(), 0
-                bar.update(completed=step, loss=loss_value, rate=rate)
-            if step % recipe.train.eval_every == 0 or step == recipe.train.steps:
-                val = evaluate_loss(model, val_windows, loss_fn, recipe.train.batch_size, device)
-                write_log({"step": step, "val_loss": val, "val_ppl": math.exp(val), "elapsed_s": elapsed})
-                bar.note(f"step {step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})")
-            if step % recipe.train.checkpoint_every == 0 or step == recipe.train.steps:
-                checkpoint_now()
-    if log:
-        log.close()
+    try:
+        with bar:
+            while at.step < recipe.train.steps:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(at.step, recipe)
+                batch = sampler.next(dd.rank, dd.world).to(device)
+                with autocast():
+                    loss = objective(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                optimizer.step()
+                at.step += 1
+                at.tokens_seen += tokens_per_step
+                at.elapsed += time.perf_counter() - t0
+                window_tokens += tokens_per_step
+                at.loss = loss.item()
+                if at.step % recipe.train.log_every == 0 or at.step == recipe.train.steps:
+                    rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                    write_log({"step": at.step, "loss": at.loss, "lr": lr_at(at.step - 1, recipe),
+                               "tokens": at.tokens_seen, "tokens_per_s": rate, "elapsed_s": at.elapsed})
+                    window_start, window_tokens = time.perf_counter(), 0
+                    bar.update(completed=at.step, loss=at.loss, rate=rate)
+                if at.step % recipe.train.eval_every == 0 or at.step == recipe.train.steps:
+                    val = evaluate_loss(model, run.val_windows, run.loss_fn, recipe.train.batch_size, device)
+                    write_log({"step": at.step, "val_loss": val, "val_ppl": math.exp(val), "elapsed_s": at.elapsed})
+                    bar.note(f"step {at.step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})")
+                if at.step % recipe.train.checkpoint_every == 0 or at.step == recipe.train.steps:
+                    checkpoint_now()
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint is step {at.checkpoint_step}" if at.checkpoint_step is not None
+                 else "there is no checkpoint yet, so it starts again from step 0")
+        raise Interrupted(f"interrupted at step {at.step}; {where}: continue with the same command and --resume "
+                          f"(--out {out})") from None
+    finally:
+        if log:
+            log.close()
+    return at
+
+
+def finish(run: Run, at: TrainState) -> dict:
+    """Final held-out evaluation, the exported model, metrics.json (last: it marks a finished run), the plot."""
+    recipe, model, out = run.recipe, run.model, run.out
     metrics = {}
-    if dd.main:
-        val = evaluate_loss(model, val_windows, loss_fn, recipe.train.batch_size, device)
+    if run.dd.main:
+        val = evaluate_loss(model, run.val_windows, run.loss_fn, recipe.train.batch_size, run.device)
         metrics = {
             "name": recipe.name, "parameters": model.num_parameters(),
-            "flops_per_token": dense_flops_per_token(model.cfg), "steps": step, "tokens_seen": tokens_seen,
-            "train_time_s": round(elapsed, 1), "final_train_loss": loss_value, "val_loss": val,
-            "val_ppl": math.exp(val), "val_tokens": int(val_windows[:, 1:].numel()), "val_seq_len": recipe.data.seq_len,
-            "pruned": recipe.prune is not None,
+            "flops_per_token": dense_flops_per_token(model.cfg), "steps": at.step, "tokens_seen": at.tokens_seen,
+            "train_time_s": round(at.elapsed, 1), "final_train_loss": at.loss, "val_loss": val,
+            "val_ppl": math.exp(val), "val_tokens": int(run.val_windows[:, 1:].numel()),
+            "val_seq_len": recipe.data.seq_len, "pruned": recipe.prune is not None,
         }
         if recipe.prune is not None:  # what a training (and held-out) forward of seq_len tokens costs, pruned
             seq = recipe.data.seq_len
-            ratios = recipe.prune.keep_ratios(model.cfg.n_layer)
             heads = seq if recipe.prune.mode == "exit" else min(seq, recipe.train.protect_last)
-            count = analytic(model.cfg, seq, ratios, recipe.prune.criterion, head_positions=heads)
+            count = analytic(model.cfg, seq, recipe.prune.keep_ratios(model.cfg.n_layer), recipe.prune.criterion,
+                             head_positions=heads)
             metrics.update(pruned_flops_per_token=count.total / seq, keep_ratios=count.keep_ratios)
-        _export(model, tokenizer, recipe, out, metrics)
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: it marks a finished run
+        _export(model, run.tokenizer, recipe, out, metrics)
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         from simba_cli.report.plots import plot_training
 
         plot_training(out / "train_log.jsonl", out / "loss.png", title=recipe.name)
-    if dd.world > 1:
+    if run.dd.world > 1:
         dist.barrier()
     return metrics
+
+
+def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None = None, resume: bool = False,
+             overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    """Train per `recipe` into the run directory `out` (setup, prepare_out, train, finish); returns the final
+    metrics. --resume continues from the last checkpoint, or starts a run that had none yet again."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    run = setup(recipe, Path(out), init_from, resume, overwrite, device)
+    prepare_out(run)
+    return finish(run, train(run, progress))
 
 
 def _truncate_log(path: Path, step: int):
