@@ -1,5 +1,7 @@
 """The model against transformers' MambaForCausalLM (the oracle), in both checkpoint formats."""
 
+import json
+
 import pytest
 import torch
 from transformers import MambaForCausalLM
@@ -7,6 +9,7 @@ from transformers import MambaForCausalLM
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from simba_cli.models.decode import generate, prefill, step
+from simba_cli.simba.flops import layer_flops_per_token
 from tests.conftest import random_model, tiny_config
 
 
@@ -86,3 +89,40 @@ def test_save_refuses_to_overwrite(tmp_path, tiny_model):
     save_checkpoint(tiny_model, tmp_path / "m")
     with pytest.raises(UserError, match="already exists"):
         save_checkpoint(tiny_model, tmp_path / "m")
+
+
+def hf_oracle(tmp_path, **kw):
+    """A transformers MambaForCausalLM with random weights, saved in its own format."""
+    from transformers import MambaConfig as HFMambaConfig
+
+    torch.manual_seed(0)
+    cfg = HFMambaConfig(**{"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4, **kw})
+    oracle = MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "norm" in name or name.endswith(".D") or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    oracle.save_pretrained(tmp_path / "oracle")
+    return oracle, tmp_path / "oracle"
+
+
+def assert_same_logits(ours, oracle, vocab=64):
+    ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), oracle(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_intermediate_size_other_than_expand_times_hidden(tmp_path):
+    oracle, directory = hf_oracle(tmp_path, intermediate_size=40)
+    assert oracle.backbone.layers[0].mixer.intermediate_size == 40
+    ours = load_checkpoint(directory).eval()
+    assert ours.cfg.d_inner == 40
+    assert_same_logits(ours, oracle)
+    assert layer_flops_per_token(ours.cfg)["out_proj"] == 2 * 40 * 16
+    # Saved again in HF format, the inner size goes with it; mamba-ssm's config has no way to say it.
+    again = save_checkpoint(ours, tmp_path / "again", fmt="hf")
+    assert json.loads((again / "config.json").read_text())["intermediate_size"] == 40
+    assert_same_logits(load_checkpoint(again).eval(), oracle)
+    with pytest.raises(UserError, match="cannot hold d_inner 40.*save this model in hf format"):
+        save_checkpoint(ours, tmp_path / "ssm", fmt="mamba_ssm")
+

@@ -3,7 +3,7 @@
 Glossary (code name -> paper symbol):
     d_model   d        width of the residual stream
     n_layer   n        number of blocks
-    d_inner   D = expand * d   channels of the SSM
+    d_inner   D        channels of the SSM: expand * d unless a config says otherwise (HF's intermediate_size)
     d_state   N        state size per channel
     dt_rank   R        rank of the dt projection
     d_conv    k        width of the causal depthwise convolution
@@ -25,6 +25,7 @@ class MambaConfig:
     vocab_size: int
     d_state: int = 16
     expand: int = 2
+    d_inner: int = 0  # 0 means expand * d_model
     d_conv: int = 4
     dt_rank: int = 0  # 0 means ceil(d_model / 16), mamba-ssm's "auto"
     conv_bias: bool = True
@@ -35,16 +36,15 @@ class MambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_inner", "d_conv", "dt_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
+                    (value == 0 and name not in ("d_inner", "dt_rank")):
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.d_inner == 0:
+            object.__setattr__(self, "d_inner", self.expand * self.d_model)
         if self.dt_rank == 0:
             object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_conv", "dt_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +86,9 @@ class MambaConfig:
         )
 
     def to_mamba_ssm(self) -> dict:
+        if self.d_inner != self.expand * self.d_model:
+            raise UserError(f"mamba-ssm's config.json cannot hold d_inner {self.d_inner} (it is always expand × "
+                            f"d_model = {self.expand * self.d_model}); save this model in hf format")
         return {
             "d_model": self.d_model,
             "d_intermediate": 0,
@@ -117,6 +120,7 @@ class MambaConfig:
             vocab_size=cfg["vocab_size"],
             d_state=cfg.get("state_size", 16),
             expand=cfg.get("expand", 2),
+            d_inner=cfg.get("intermediate_size") or 0,
             d_conv=cfg.get("conv_kernel", 4),
             dt_rank=int(cfg.get("time_step_rank") or 0),
             conv_bias=cfg.get("use_conv_bias", True),
