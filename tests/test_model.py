@@ -126,3 +126,16 @@ def test_hf_intermediate_size_other_than_expand_times_hidden(tmp_path):
     with pytest.raises(UserError, match="cannot hold d_inner 40.*save this model in hf format"):
         save_checkpoint(ours, tmp_path / "ssm", fmt="mamba_ssm")
 
+
+def test_hf_time_step_rank_auto(tmp_path):
+    oracle, directory = hf_oracle(tmp_path, hidden_size=40)
+    config = json.loads((directory / "config.json").read_text())
+    config["time_step_rank"] = "auto"  # as some hub configs spell it: ceil(hidden_size / 16)
+    (directory / "config.json").write_text(json.dumps(config))
+    ours = load_checkpoint(directory).eval()
+    assert ours.cfg.dt_rank == 3
+    assert_same_logits(ours, oracle)
+    config["time_step_rank"] = "big"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="time_step_rank must be a positive integer or \"auto\", got 'big'"):
+        load_checkpoint(directory)

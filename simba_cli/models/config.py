@@ -68,7 +68,6 @@ class MambaConfig:
                 f"d_intermediate={cfg.get('d_intermediate', 0)}); use a state-spaces/mamba-* model"
             )
         vocab = _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8))
-        dt_rank = ssm.get("dt_rank", "auto")
         return cls(
             d_model=cfg["d_model"],
             n_layer=cfg["n_layer"],
@@ -76,7 +75,7 @@ class MambaConfig:
             d_state=ssm.get("d_state", 16),
             expand=ssm.get("expand", 2),
             d_conv=ssm.get("d_conv", 4),
-            dt_rank=0 if dt_rank == "auto" else int(dt_rank),
+            dt_rank=_rank(ssm.get("dt_rank"), "ssm_cfg.dt_rank"),
             conv_bias=ssm.get("conv_bias", True),
             bias=ssm.get("bias", False),
             rms_norm=cfg.get("rms_norm", True),
@@ -122,7 +121,7 @@ class MambaConfig:
             expand=cfg.get("expand", 2),
             d_inner=cfg.get("intermediate_size") or 0,
             d_conv=cfg.get("conv_kernel", 4),
-            dt_rank=int(cfg.get("time_step_rank") or 0),
+            dt_rank=_rank(cfg.get("time_step_rank"), "time_step_rank"),
             conv_bias=cfg.get("use_conv_bias", True),
             bias=cfg.get("use_bias", False),
             rms_norm=True,  # MambaForCausalLM always uses RMSNorm
@@ -155,6 +154,15 @@ class MambaConfig:
             "eos_token_id": 0,
             "pad_token_id": 0,
         }
+
+
+def _rank(value, key: str) -> int:
+    """A dt rank as configs spell it: a number, or "auto" (or absent) for ceil(d_model / 16), written as 0."""
+    if value is None or value == "auto":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise UserError(f"model config: {key} must be a positive integer or \"auto\", got {value!r}; fix config.json")
 
 
 def _pad_vocab(vocab: int, multiple: int) -> int:
