@@ -139,3 +139,15 @@ def test_hf_time_step_rank_auto(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="time_step_rank must be a positive integer or \"auto\", got 'big'"):
         load_checkpoint(directory)
+
+
+def test_a_sharded_index_naming_a_missing_shard(tmp_path, tiny_model):
+    d = save_checkpoint(tiny_model, tmp_path / "m", fmt="hf")
+    index = {"metadata": {}, "weight_map": {"backbone.embeddings.weight": "model.safetensors",
+                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="names weight files that are missing: model-00002-of-00002.safetensors"):
+        load_checkpoint(d)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UserError, match="is not a valid weight index"):
+        load_checkpoint(d)
