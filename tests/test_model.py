@@ -1,6 +1,7 @@
 """The model against transformers' MambaForCausalLM (the oracle), in both checkpoint formats."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from simba_cli.models.decode import generate, prefill, step
 from simba_cli.simba.flops import layer_flops_per_token
+from simba_cli.simba.settings import PruneConfig
 from tests.conftest import random_model, tiny_config
 
 
@@ -139,6 +141,34 @@ def test_hf_time_step_rank_auto(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="time_step_rank must be a positive integer or \"auto\", got 'big'"):
         load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_prune_checks_that_the_weights_load(tmp_path, tiny_model, fmt):
+    from simba_cli.simba.artifact import prune_model
+
+    config = PruneConfig(final_keep=0.5)
+    name = "model.safetensors" if fmt == "hf" else "pytorch_model.bin"
+    good = save_checkpoint(tiny_model, tmp_path / "good", fmt=fmt)
+    body = prune_model(str(good), tmp_path / "out", config, seq_len=64)
+    assert body["model"] == tiny_model.cfg.to_dict()
+
+    missing = save_checkpoint(tiny_model, tmp_path / "missing", fmt=fmt)
+    (missing / name).unlink()
+    with pytest.raises(UserError, match=f"no weights in {re.escape(str(missing))}: .*re-download or re-save"):
+        prune_model(str(missing), tmp_path / "x", config)
+
+    truncated = save_checkpoint(tiny_model, tmp_path / "truncated", fmt=fmt)
+    (truncated / name).write_bytes((truncated / name).read_bytes()[:100])
+    with pytest.raises(UserError, match=f"cannot read {re.escape(str(truncated / name))} .*truncated or corrupt"):
+        prune_model(str(truncated), tmp_path / "x", config)
+
+    wider = save_checkpoint(random_model(tiny_config(d_model=48)), tmp_path / "wider", fmt=fmt)
+    (wider / "config.json").write_text((good / "config.json").read_text())  # says d_model 32
+    with pytest.raises(UserError, match=r"wider/.* does not fit its config.json: shape mismatch "
+                                        r"backbone.embedding.weight \(64, 48\) != \(64, 32\)"):
+        prune_model(str(wider), tmp_path / "x", config)
+    assert not (tmp_path / "x").exists(), "no artifact for a base that does not load"
 
 
 def test_a_sharded_index_naming_a_missing_shard(tmp_path, tiny_model):
