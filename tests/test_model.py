@@ -1,5 +1,8 @@
 """The model against transformers' MambaForCausalLM (the oracle), in both checkpoint formats."""
 
+import json
+import re
+
 import pytest
 import torch
 from transformers import MambaForCausalLM
@@ -7,6 +10,8 @@ from transformers import MambaForCausalLM
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from simba_cli.models.decode import generate, prefill, step
+from simba_cli.simba.flops import layer_flops_per_token
+from simba_cli.simba.settings import PruneConfig
 from tests.conftest import random_model, tiny_config
 
 
@@ -86,3 +91,93 @@ def test_save_refuses_to_overwrite(tmp_path, tiny_model):
     save_checkpoint(tiny_model, tmp_path / "m")
     with pytest.raises(UserError, match="already exists"):
         save_checkpoint(tiny_model, tmp_path / "m")
+
+
+def hf_oracle(tmp_path, **kw):
+    """A transformers MambaForCausalLM with random weights, saved in its own format."""
+    from transformers import MambaConfig as HFMambaConfig
+
+    torch.manual_seed(0)
+    cfg = HFMambaConfig(**{"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4, **kw})
+    oracle = MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "norm" in name or name.endswith(".D") or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    oracle.save_pretrained(tmp_path / "oracle")
+    return oracle, tmp_path / "oracle"
+
+
+def assert_same_logits(ours, oracle, vocab=64):
+    ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), oracle(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_intermediate_size_other_than_expand_times_hidden(tmp_path):
+    oracle, directory = hf_oracle(tmp_path, intermediate_size=40)
+    assert oracle.backbone.layers[0].mixer.intermediate_size == 40
+    ours = load_checkpoint(directory).eval()
+    assert ours.cfg.d_inner == 40
+    assert_same_logits(ours, oracle)
+    assert layer_flops_per_token(ours.cfg)["out_proj"] == 2 * 40 * 16
+    # Saved again in HF format, the inner size goes with it; mamba-ssm's config has no way to say it.
+    again = save_checkpoint(ours, tmp_path / "again", fmt="hf")
+    assert json.loads((again / "config.json").read_text())["intermediate_size"] == 40
+    assert_same_logits(load_checkpoint(again).eval(), oracle)
+    with pytest.raises(UserError, match="cannot hold d_inner 40.*save this model in hf format"):
+        save_checkpoint(ours, tmp_path / "ssm", fmt="mamba_ssm")
+
+
+def test_hf_time_step_rank_auto(tmp_path):
+    oracle, directory = hf_oracle(tmp_path, hidden_size=40)
+    config = json.loads((directory / "config.json").read_text())
+    config["time_step_rank"] = "auto"  # as some hub configs spell it: ceil(hidden_size / 16)
+    (directory / "config.json").write_text(json.dumps(config))
+    ours = load_checkpoint(directory).eval()
+    assert ours.cfg.dt_rank == 3
+    assert_same_logits(ours, oracle)
+    config["time_step_rank"] = "big"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="time_step_rank must be a positive integer or \"auto\", got 'big'"):
+        load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_prune_checks_that_the_weights_load(tmp_path, tiny_model, fmt):
+    from simba_cli.simba.artifact import prune_model
+
+    config = PruneConfig(final_keep=0.5)
+    name = "model.safetensors" if fmt == "hf" else "pytorch_model.bin"
+    good = save_checkpoint(tiny_model, tmp_path / "good", fmt=fmt)
+    body = prune_model(str(good), tmp_path / "out", config, seq_len=64)
+    assert body["model"] == tiny_model.cfg.to_dict()
+
+    missing = save_checkpoint(tiny_model, tmp_path / "missing", fmt=fmt)
+    (missing / name).unlink()
+    with pytest.raises(UserError, match=f"no weights in {re.escape(str(missing))}: .*re-download or re-save"):
+        prune_model(str(missing), tmp_path / "x", config)
+
+    truncated = save_checkpoint(tiny_model, tmp_path / "truncated", fmt=fmt)
+    (truncated / name).write_bytes((truncated / name).read_bytes()[:100])
+    with pytest.raises(UserError, match=f"cannot read {re.escape(str(truncated / name))} .*truncated or corrupt"):
+        prune_model(str(truncated), tmp_path / "x", config)
+
+    wider = save_checkpoint(random_model(tiny_config(d_model=48)), tmp_path / "wider", fmt=fmt)
+    (wider / "config.json").write_text((good / "config.json").read_text())  # says d_model 32
+    with pytest.raises(UserError, match=r"wider/.* does not fit its config.json: shape mismatch "
+                                        r"backbone.embedding.weight \(64, 48\) != \(64, 32\)"):
+        prune_model(str(wider), tmp_path / "x", config)
+    assert not (tmp_path / "x").exists(), "no artifact for a base that does not load"
+
+
+def test_a_sharded_index_naming_a_missing_shard(tmp_path, tiny_model):
+    d = save_checkpoint(tiny_model, tmp_path / "m", fmt="hf")
+    index = {"metadata": {}, "weight_map": {"backbone.embeddings.weight": "model.safetensors",
+                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="names weight files that are missing: model-00002-of-00002.safetensors"):
+        load_checkpoint(d)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UserError, match="is not a valid weight index"):
+        load_checkpoint(d)

@@ -46,12 +46,21 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
 def _weight_files(directory: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (directory / index).is_file():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{directory / index} is not a valid weight index ({type(e).__name__}); "
+                                f"re-download or re-save the model") from e
+            absent = [s for s in shards if not (directory / s).is_file()]
+            if absent:
+                raise UserError(f"{directory / index} names weight files that are missing: {_short(absent)}; "
+                                f"re-download or re-save the model")
             return [directory / s for s in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return [directory / name]
-    raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
+    raise UserError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin beside "
+                    f"config.json; re-download or re-save the model")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 Glossary (code name -> paper symbol):
     d_model   d        width of the residual stream
     n_layer   n        number of blocks
-    d_inner   D = expand * d   channels of the SSM
+    d_inner   D        channels of the SSM: expand * d unless a config says otherwise (HF's intermediate_size)
     d_state   N        state size per channel
     dt_rank   R        rank of the dt projection
     d_conv    k        width of the causal depthwise convolution
@@ -25,6 +25,7 @@ class MambaConfig:
     vocab_size: int
     d_state: int = 16
     expand: int = 2
+    d_inner: int = 0  # 0 means expand * d_model
     d_conv: int = 4
     dt_rank: int = 0  # 0 means ceil(d_model / 16), mamba-ssm's "auto"
     conv_bias: bool = True
@@ -35,16 +36,15 @@ class MambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_inner", "d_conv", "dt_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
+                    (value == 0 and name not in ("d_inner", "dt_rank")):
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.d_inner == 0:
+            object.__setattr__(self, "d_inner", self.expand * self.d_model)
         if self.dt_rank == 0:
             object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_conv", "dt_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +68,6 @@ class MambaConfig:
                 f"d_intermediate={cfg.get('d_intermediate', 0)}); use a state-spaces/mamba-* model"
             )
         vocab = _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8))
-        dt_rank = ssm.get("dt_rank", "auto")
         return cls(
             d_model=cfg["d_model"],
             n_layer=cfg["n_layer"],
@@ -76,7 +75,7 @@ class MambaConfig:
             d_state=ssm.get("d_state", 16),
             expand=ssm.get("expand", 2),
             d_conv=ssm.get("d_conv", 4),
-            dt_rank=0 if dt_rank == "auto" else int(dt_rank),
+            dt_rank=_rank(ssm.get("dt_rank"), "ssm_cfg.dt_rank"),
             conv_bias=ssm.get("conv_bias", True),
             bias=ssm.get("bias", False),
             rms_norm=cfg.get("rms_norm", True),
@@ -86,6 +85,9 @@ class MambaConfig:
         )
 
     def to_mamba_ssm(self) -> dict:
+        if self.d_inner != self.expand * self.d_model:
+            raise UserError(f"mamba-ssm's config.json cannot hold d_inner {self.d_inner} (it is always expand × "
+                            f"d_model = {self.expand * self.d_model}); save this model in hf format")
         return {
             "d_model": self.d_model,
             "d_intermediate": 0,
@@ -117,8 +119,9 @@ class MambaConfig:
             vocab_size=cfg["vocab_size"],
             d_state=cfg.get("state_size", 16),
             expand=cfg.get("expand", 2),
+            d_inner=cfg.get("intermediate_size") or 0,
             d_conv=cfg.get("conv_kernel", 4),
-            dt_rank=int(cfg.get("time_step_rank") or 0),
+            dt_rank=_rank(cfg.get("time_step_rank"), "time_step_rank"),
             conv_bias=cfg.get("use_conv_bias", True),
             bias=cfg.get("use_bias", False),
             rms_norm=True,  # MambaForCausalLM always uses RMSNorm
@@ -151,6 +154,15 @@ class MambaConfig:
             "eos_token_id": 0,
             "pad_token_id": 0,
         }
+
+
+def _rank(value, key: str) -> int:
+    """A dt rank as configs spell it: a number, or "auto" (or absent) for ceil(d_model / 16), written as 0."""
+    if value is None or value == "auto":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise UserError(f"model config: {key} must be a positive integer or \"auto\", got {value!r}; fix config.json")
 
 
 def _pad_vocab(vocab: int, multiple: int) -> int:

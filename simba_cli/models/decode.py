@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from simba_cli.errors import UserError
 from simba_cli.models.mamba import MambaLM
 
 
@@ -75,6 +76,19 @@ def sample_next(logits, temperature: float = 0.0, top_k: int = 0, top_p: float =
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """One-line errors for arguments `generate` cannot honour (NaN fails every comparison, so every check)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}; ask for one or more new tokens")
+    if not temperature >= 0:
+        raise UserError(f"temperature must be at least 0 (0 is greedy), got {temperature!r}; "
+                        f"use 0 for greedy decoding or a positive value to sample")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"top_k must be an integer of at least 0, got {top_k!r}; use 0 for no top-k filtering")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}; use 1 for no nucleus filtering")
+
+
 @torch.no_grad()
 def generate(model: MambaLM, input_ids, max_new_tokens: int, lengths=None, prefill_fn=prefill,
              eos_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -83,6 +97,7 @@ def generate(model: MambaLM, input_ids, max_new_tokens: int, lengths=None, prefi
 
     Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos is padded with eos after it.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     logits, state = prefill_fn(model, input_ids, lengths)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     out = []
@@ -95,6 +110,4 @@ def generate(model: MambaLM, input_ids, max_new_tokens: int, lengths=None, prefi
         if eos_token_id is not None and bool(done.all()):
             break
         logits = step(model, nxt, state)
-    if not out:
-        return input_ids.new_zeros(input_ids.shape[0], 0)
     return torch.stack(out, dim=1)

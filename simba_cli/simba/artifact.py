@@ -21,9 +21,7 @@ from pathlib import Path
 import yaml
 
 from simba_cli.errors import UserError
-from simba_cli.models.checkpoint import read_config
 from simba_cli.models.config import MambaConfig
-from simba_cli.models.hub import resolve
 from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
 from simba_cli.simba.flops import analytic
@@ -102,11 +100,17 @@ def read_artifact(directory: str | Path) -> tuple[str, PruneConfig, dict]:
 
 def prune_model(model: str, out: str | Path, config: PruneConfig, seq_len: int = 2048,
                 overwrite: bool = False) -> dict:
-    """`simba prune`: check that the model exists, then write the artifact. Returns what was written."""
+    """`simba prune`: check that the model loads (its weights are there, readable and fit its config), then
+    write the artifact, with the FLOPs of the loaded model's architecture. Returns what was written."""
+    import torch
+
+    from simba_cli.models.loading import load_model
+
     if is_artifact(model):  # re-pruning an artifact prunes its base
         model, _, _ = read_artifact(model)
-    directory = resolve(model)
-    cfg, _ = read_config(directory)
+    loaded = load_model(model, device="cpu", dtype=torch.float32, with_tokenizer=False)
+    cfg = loaded.model.cfg
+    del loaded
     path = write_artifact(out, model, config, cfg, seq_len, overwrite=overwrite)
     return yaml.safe_load(path.read_text())
 

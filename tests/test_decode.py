@@ -1,0 +1,101 @@
+"""Decoding: argument checks, and a Simba-pruned prefill against the dense computation it stands for."""
+
+import pytest
+import torch
+
+from simba_cli.errors import UserError
+from simba_cli.models.decode import DecodeState, generate, prefill, step
+from simba_cli.simba.pruned import pruned_forward, pruned_prefill
+from simba_cli.simba.settings import PruneConfig
+from tests.conftest import random_model, tiny_config
+from tests.test_simba import dense_on_gathered
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_new_tokens=0), r"max_new_tokens must be at least 1, got 0"),
+    (dict(max_new_tokens=-3), r"max_new_tokens must be at least 1, got -3"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+    (dict(temperature=-0.5), r"temperature must be at least 0 \(0 is greedy\), got -0.5"),
+    (dict(temperature=float("nan")), r"temperature must be at least 0 \(0 is greedy\), got nan"),
+    (dict(top_k=-1), r"top_k must be an integer of at least 0, got -1"),
+])
+def test_generate_rejects_bad_arguments(kw, msg):
+    model = random_model(tiny_config(n_layer=2))
+    ids = torch.randint(0, 64, (1, 5))
+    with pytest.raises(UserError, match=msg):
+        generate(model, ids, **{"max_new_tokens": 2, **kw})
+
+
+def test_generate_accepts_the_edges():
+    model = random_model(tiny_config(n_layer=2))
+    ids = torch.randint(0, 64, (1, 5))
+    gen = torch.Generator().manual_seed(0)
+    assert generate(model, ids, 1, top_p=1.0, temperature=0.0).shape == (1, 1)
+    assert generate(model, ids, 3, top_p=1e-6, temperature=0.7, generator=gen).shape == (1, 3)
+
+
+def test_pruned_prefill_keeping_every_token_generates_what_the_dense_prefill_does():
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (3, 21), generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([21, 9, 16])
+    keep_all = pruned_prefill(PruneConfig(schedule="linear", final_keep=1.0))
+    dense = generate(model, ids, 12, lengths, prefill_fn=prefill)
+    pruned = generate(model, ids, 12, lengths, prefill_fn=keep_all)
+    assert torch.equal(pruned, dense)
+    with torch.no_grad():
+        dense_logits, dense_state = prefill(model, ids, lengths)
+        pruned_logits, pruned_state = keep_all(model, ids, lengths)
+    torch.testing.assert_close(pruned_logits, dense_logits, rtol=1e-6, atol=1e-6)
+    for i in range(4):
+        torch.testing.assert_close(pruned_state.conv[i], dense_state.conv[i], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pruned_state.ssm[i], dense_state.ssm[i], rtol=1e-6, atol=1e-6)
+
+
+def recording(mix, seen: list):
+    """mix, recording the hidden states it is given: the (normed) sequence entering a layer's mixer."""
+    def wrapped(hidden, lengths=None, **kw):
+        seen.append(hidden)
+        return mix(hidden, lengths, **kw)
+    return wrapped
+
+
+@pytest.mark.parametrize("criterion", ["simba", "recent"])
+def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_it_kept(monkeypatch, criterion):
+    """Layer l's state after a pruned, padded, batched prefill is its mixer's final state on the sequence
+    entering it in the hand-built pruned computation of tests.test_simba (one sequence, no padding, the
+    tokens the trace says layer l kept); and a decoding step from that state is that computation with
+    the new token appended to every layer's tokens."""
+    model = random_model(tiny_config(n_layer=4))
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([30, 19])
+    nxt = torch.tensor([7, 11])
+    with torch.no_grad():
+        out = pruned_forward(model, ids, PruneConfig(final_keep=0.2, criterion=criterion), lengths,
+                             final_state=True, trace=True)
+        # A step updates the state in place: step a copy, keep the prefill's own state to compare.
+        stepped = step(model, nxt, DecodeState([c.clone() for c in out.state.conv], [s.clone() for s in out.state.ssm]))
+    mixers = [block.mixer for block in model.layers]
+    plain = [m.mix for m in mixers]
+    for b, n in enumerate(lengths.tolist()):
+        kept = [k[b][k[b] >= 0] for k in out.kept]
+        assert len(kept[-1]) < len(kept[1]) < n, "pruned more than once"
+        entering = [[] for _ in mixers]
+        for m, mix, seen in zip(mixers, plain, entering):
+            monkeypatch.setattr(m, "mix", recording(mix, seen))
+        with torch.no_grad():
+            ref_logits = dense_on_gathered(model, ids[b, :n], kept, criterion, forced=[n - 1])
+        monkeypatch.undo()
+        torch.testing.assert_close(out.logits[b, :n], ref_logits, rtol=1e-4, atol=1e-4)
+        for i, (mix, seen) in enumerate(zip(plain, entering)):
+            assert len(seen) == 1 and seen[0].shape[1] == len(kept[i])
+            with torch.no_grad():
+                ref = mix(seen[0], final_state=True)
+            torch.testing.assert_close(out.state.conv[i][b], ref.conv_state[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.state.ssm[i][b], ref.ssm_state[0].float(), rtol=1e-5, atol=1e-5)
+        # The new token at position n is seen by every layer ("random": no choice to check for it).
+        longer = torch.cat([ids[b, :n], nxt[b:b + 1]])
+        with torch.no_grad():
+            ref_next = dense_on_gathered(model, longer, [torch.cat([k, torch.tensor([n])]) for k in kept], "random")
+        torch.testing.assert_close(stepped[b], ref_next[-1], rtol=1e-4, atol=1e-4)
