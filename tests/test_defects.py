@@ -1,6 +1,11 @@
+import gzip
+import random
+
+import pytest
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
+from simba_cli.errors import UserError
 
 
 def test_version_option_prints_the_version_and_exits_0():
@@ -24,3 +29,50 @@ def test_version_falls_back_to_the_source_tree(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert simba_cli.version() == simba_cli.__version__
+
+
+# --- binary data files ---
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
+
+
+def random_bytes(n: int = 20000) -> bytes:
+    return random.Random(0).randbytes(n)
+
+
+@pytest.mark.parametrize("name, payload", [
+    ("noise.txt", random_bytes()),
+    ("noise", random_bytes()),
+    ("noise.md", random_bytes().replace(b"\0", b"")),  # no NUL: most of it is not UTF-8
+    ("book.txt", gzip.compress(TEXT.encode() * 5, mtime=0)),
+])
+def test_a_binary_file_is_not_training_text(tmp_path, name, payload):
+    from simba_cli.data.corpus import load_texts
+
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(UserError) as e:
+        load_texts(str(path))
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "text file" in message
+
+
+def test_a_binary_file_in_a_directory_is_named(tmp_path):
+    from simba_cli.data.corpus import load_texts
+
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_bytes(gzip.compress(TEXT.encode(), mtime=0))
+    with pytest.raises(UserError) as e:
+        load_texts(str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "sub" / "b.md") in message and "text file" in message
+
+
+def test_text_with_a_few_bad_bytes_still_loads(tmp_path):
+    from simba_cli.data.corpus import load_texts
+
+    path = tmp_path / "latin.txt"
+    path.write_bytes(TEXT.replace("question", "qu\xe9stion").encode("latin-1"))
+    docs = load_texts(str(path))
+    assert docs and "qu\ufffdstion" in docs[0]
