@@ -1,11 +1,17 @@
 import gzip
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
 from simba_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version_option_prints_the_version_and_exits_0():
@@ -76,3 +82,19 @@ def test_text_with_a_few_bad_bytes_still_loads(tmp_path):
     path.write_bytes(TEXT.replace("question", "qu\xe9stion").encode("latin-1"))
     docs = load_texts(str(path))
     assert docs and "qu\ufffdstion" in docs[0]
+
+
+# --- lm-eval's own command line ---
+
+def test_lm_eval_command_line_reports_a_user_error_in_one_line():
+    from simba_cli.eval.tasks import build_tasks
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "simba_cli.lm_eval", "run", "--model", "simba", "--model_args",
+                        "pretrained=/nonexistent", "--tasks", "simba_choice", "--include_path", str(build_tasks())],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "/nonexistent" in errors[0], r.stderr[-2000:]
