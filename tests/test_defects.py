@@ -98,3 +98,65 @@ def test_lm_eval_command_line_reports_a_user_error_in_one_line():
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "/nonexistent" in errors[0], r.stderr[-2000:]
+
+
+# --- lm-eval hub tasks without the hub ---
+
+_UNREACHABLE = """
+import time
+import lm_eval.tasks
+from simba_cli.errors import UserError
+from simba_cli.eval import harness
+
+harness.hub_reachable = lambda: False
+indexing = []
+
+class TimedManager(lm_eval.tasks.TaskManager):  # indexing lm-eval's tasks is slow on a busy machine
+    def __init__(self, *args, **kwargs):
+        t = time.monotonic()
+        super().__init__(*args, **kwargs)
+        indexing.append(time.monotonic() - t)
+
+lm_eval.tasks.TaskManager = TimedManager
+t = time.monotonic()
+try:
+    harness.task_dict(["piqa"])
+    print("loaded")
+except UserError as e:
+    print(f"{time.monotonic() - t - sum(indexing):.2f}")
+    print(e)
+"""
+
+
+def test_hub_task_without_the_hub_fails_at_once(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(PYTHONPATH=str(ROOT), TQDM_DISABLE="1", HF_HOME=str(tmp_path / "hf"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+    r = subprocess.run([sys.executable, "-c", _UNREACHABLE], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2, r.stdout + r.stderr[-2000:]
+    seconds, message = float(lines[0]), lines[1]
+    assert seconds < 10, r.stdout + r.stderr[-2000:]
+    assert message.startswith("cannot load lm-eval task(s) piqa") and "simba_choice" in message
+    assert "Retrying" not in r.stderr
+
+
+def test_hub_reachable_is_false_in_offline_mode(monkeypatch):
+    from simba_cli.eval import harness
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert harness.hub_reachable() is False
+
+
+def test_offline_tasks_never_ask_for_the_hub(monkeypatch):
+    from simba_cli.eval import harness
+
+    def no_hub():
+        raise AssertionError("the offline tasks asked whether the hub is reachable")
+
+    monkeypatch.setattr(harness, "hub_reachable", no_hub)
+    loaded = harness.task_dict(["simba_choice"])
+    assert list(loaded["tasks"]) == ["simba_choice"]
