@@ -6,3 +6,14 @@ load (`models`) -> score (`simba.criteria`) -> schedule (`simba.schedule`) -> pr
 """
 
 __version__ = "0.1.0"
+
+
+def version() -> str:
+    """The installed distribution's version (simba-cli), or this source tree's when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("simba-cli")
+    except PackageNotFoundError:
+        return __version__

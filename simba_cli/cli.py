@@ -28,6 +28,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool):
+    if value:
+        from simba_cli import version
+
+        typer.echo(f"simba {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit")] = False,
+):
+    pass
+
+
 def command(name: str | None = None, **kwargs):
     """Register a command whose UserErrors end as 'error: ...' on stderr with exit code 2."""
 

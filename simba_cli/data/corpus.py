@@ -19,6 +19,7 @@ A play in plain text looks like:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -119,11 +120,11 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
         return _saved_dataset(path, split, text_field)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        docs = [read_text(p) for p in files]
     elif path.suffix in (".jsonl", ".json", ".parquet"):
         docs = _data_file(path, text_field)
     else:
-        docs = [path.read_text(encoding="utf-8", errors="replace")]
+        docs = [read_text(path)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"data path {source} holds no text (no non-empty .txt/.md files or records)")
@@ -132,6 +133,24 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
         raise UserError(f"data path {source} is too small to hold out a {split} split ({HELD_OUT:.0%} of it); "
                         f"give more text")
     return part
+
+
+# Sniffing a file for binary data: a NUL byte in its first _SNIFF bytes, or more than _UNDECODABLE of
+# them not UTF-8. Text in another 8-bit encoding (a few accented letters) still loads, with U+FFFD.
+_SNIFF = 8192
+_UNDECODABLE = 0.1
+
+
+def read_text(path: Path) -> str:
+    """A text file's content as UTF-8 (undecodable bytes become U+FFFD); binary data is a UserError."""
+    data = path.read_bytes()
+    head = data[:_SNIFF]
+    # incremental: a character cut at the end of the sample is not counted as undecodable
+    sample = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    if b"\0" in head or sample.count("\ufffd") > _UNDECODABLE * max(1, len(head)):
+        raise UserError(f"data file {path} holds binary data, not text; a text file is needed "
+                        f"(UTF-8 .txt/.md, or .jsonl/.json/.parquet records): decompress or convert it")
+    return data.decode("utf-8", errors="replace")
 
 
 def held_out(docs: list[str], split: str) -> list[str]:

@@ -6,6 +6,7 @@ add what really ran: FLOPs per request and the tokens entering each layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -15,7 +16,11 @@ from simba_cli.eval.tasks import TASKS, build_tasks
 
 
 def task_dict(tasks: list[str], source: str = "shakespeare"):
-    """lm-eval task objects for names: the offline tasks (built on first use) and lm-eval's built-ins."""
+    """lm-eval task objects for names: the offline tasks (built on first use) and lm-eval's built-ins.
+
+    lm-eval's own tasks load their data through `datasets`: from the hub, or from its local cache. When
+    the hub does not answer (checked in about 2 s), they load in offline mode, so that a task missing from
+    the cache is a one-line error at once instead of half a minute of retries."""
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -34,17 +39,95 @@ def task_dict(tasks: list[str], source: str = "shakespeare"):
         managers.append((tm, others))
     loaded = {"tasks": {}, "groups": {}, "group_map": {}}
     for tm, names in managers:
+        hub = names is others
+        why = None if not hub or _offline_mode() or hub_reachable() else "the Hugging Face hub does not answer"
         try:
-            part = tm.load(names)
+            with _hub_offline() if why else contextlib.nullcontext():
+                part = tm.load(names)
             for key in loaded:
                 loaded[key].update(part[key])
         except Exception as e:  # datasets' hub errors when offline are many different classes
-            if others:
-                raise UserError(f"cannot load lm-eval task(s) {', '.join(names)} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:120]}); they need the Hugging Face hub or its local "
-                                f"cache; the offline tasks are {', '.join(TASKS)}") from e
-            raise
+            if not hub:
+                raise
+            if why:
+                raise UserError(f"cannot load lm-eval task(s) {', '.join(names)}: {why} and they are not in its "
+                                f"local cache ({type(e).__name__}); run them once with network to cache them; "
+                                f"the offline tasks are {', '.join(TASKS)}") from e
+            raise UserError(f"cannot load lm-eval task(s) {', '.join(names)} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); they need the Hugging Face hub or its local "
+                            f"cache; the offline tasks are {', '.join(TASKS)}") from e
     return loaded
+
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _offline_mode() -> bool:
+    """Whether the user asked for the hub's offline mode (the values huggingface_hub takes as true)."""
+    import os
+
+    names = (*_OFFLINE_VARIABLES, "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE") for n in names)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub (or the proxy to it) accepts a connection within `timeout` seconds;
+    False in offline mode."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if _offline_mode() or constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    answered = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    # in a thread: resolving the name has no timeout of its own
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """The hub's offline mode for `datasets` and huggingface_hub, which read it when they are imported."""
+    import os
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    saved_flags = [getattr(module, name) for module, name in flags]
+    saved_env = {name: os.environ.get(name) for name in _OFFLINE_VARIABLES}
+    try:
+        for module, name in flags:
+            setattr(module, name, True)
+        os.environ.update(dict.fromkeys(_OFFLINE_VARIABLES, "1"))
+        yield
+    finally:
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def only(tasks: dict, name: str) -> dict:

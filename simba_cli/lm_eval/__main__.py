@@ -1,12 +1,16 @@
 """Register the `simba` model, then hand the arguments to lm-eval's CLI unchanged.
 
 `python -m simba_cli.lm_eval tasks-path` prints the directory of the offline tasks (an --include_path).
+Bad input to the simba model (a missing model, a bad setting) ends as one line `error: ...` on stderr
+with exit code 2, as in the `simba` command line.
 """
 
 import sys
 
+from simba_cli.errors import UserError
 
-def main():
+
+def run():
     if sys.argv[1:2] == ["tasks-path"]:
         from simba_cli.eval.tasks import build_tasks
 
@@ -22,6 +26,14 @@ def main():
         m = lm.measured()
         keep = f", mean keep {m['mean_keep']:.3f}" if "mean_keep" in m else ""
         print(f"simba {lm.config.label()}: {m.get('flops', 0):.4g} FLOPs measured in {m['forwards']} forwards{keep}")
+
+
+def main():
+    try:
+        run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
