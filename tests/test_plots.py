@@ -24,7 +24,8 @@ def _value(metric, acc, drop):
 
 
 def compare_rows(criteria=CRITERIA, tasks=(("simba_choice", "acc_norm"), ("simba_cloze", "loglik_per_token"),
-                                           ("lambada_openai", "perplexity")), stderr=True, matched=True):
+                                           ("lambada_openai", "perplexity")), stderr=True, matched=True,
+                 keeps=MEAN_KEEP):
     """Rows shaped like the compare command's: dense, every criterion at two keeps, and FLOPs-matched points."""
     rng = np.random.default_rng(0)
     rows = []
@@ -39,7 +40,7 @@ def compare_rows(criteria=CRITERIA, tasks=(("simba_choice", "acc_norm"), ("simba
                         "mean_keep": mean_keep, "matched": match}
 
             rows.append(row("dense", "-", 1.0, 1.0, 0.0, flops))
-            for k, mk in MEAN_KEEP.items():
+            for k, mk in keeps.items():
                 for j, c in enumerate(criteria):
                     drop = (0.02 if c == "simba" else 0.05 + 0.01 * j) * (1 - mk) * 3 + rng.uniform(0, 0.01)
                     rows.append(row(f"{c} {k:g}", c, k, mk, drop, flops * (0.2 + 0.8 * mk)))
@@ -158,6 +159,16 @@ def test_keep_ratios_matched_points_and_axes(tmp_path, figures):
     (legend,) = fig.legends
     box = legend.get_window_extent(renderer)
     assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in axes)
+
+
+def test_keep_ratios_of_close_columns_do_not_print_over_each_other(tmp_path, figures):
+    rows = compare_rows(criteria=["simba", "recent"], keeps={0.3: 0.62, 0.2: 0.58, 0.1: 0.55})
+    drawn = plots.plot_flops_accuracy(rows, tmp_path / "k.png")
+    fig = figures[-1]
+    for ax in fig.axes:
+        keeps = [t.get_window_extent(fig.test_renderer) for t in ax.texts if t.get_text()[:2] == "0."]
+        assert len(keeps) == drawn["keep_labels"] / len(fig.axes)
+        assert not any(a.overlaps(b) for i, a in enumerate(keeps) for b in keeps[i + 1:])
 
 
 def test_nice_log_ticks_are_few_and_round():
