@@ -47,7 +47,7 @@ def main():
     speedup = dense_t / simba_t
     figures = {"dense_s": dense_t, "simba_s": simba_t, "speedup": speedup, "flops_ratio": flops_ratio,
                "speedup_vs_flops": speedup / flops_ratio, "dense_flops": dense_out.flops.total,
-               "simba_flops": simba_out.flops.total, "mean_keep": sum(simba_out.flops.keep_ratios) / 24,
+               "simba_flops": simba_out.flops.total, "mean_keep": simba_out.flops.mean_keep,
                "layer_s": layer_t, "criterion_s": score_t, "criterion_cost_share": score_t / layer_t}
     print(f"dense {dense_t:.2f} s, Simba {simba_t:.2f} s: {speedup:.2f}x for {flops_ratio:.2f}x fewer FLOPs "
           f"({speedup / flops_ratio:.0%}); criterion {score_t * 1e3:.1f} ms = {score_t / layer_t:.1%} of a layer")

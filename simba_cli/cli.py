@@ -142,8 +142,10 @@ def flops_report_cmd(
     from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
     from simba_cli.simba.settings import DENSE
 
-    if out is not None and (out / "report.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a FLOPs report; pass --overwrite to replace it")
+    if out is not None:
+        from simba_cli.outdir import check_out
+
+        check_out(out, "report.json", "flops-report", overwrite=overwrite, resumable=False)
     requested = _prune_config(schedule, final_keep, first_layer, stages, criterion)
     rows, layers = [], []
     for name in models or list(OFFICIAL):
@@ -159,17 +161,17 @@ def flops_report_cmd(
         if per_layer:
             _emit(layers, format, title="per layer")
     if out is not None:
-        from simba_cli.outdir import write_atomic
+        from simba_cli.outdir import atomic_directory
         from simba_cli.provenance import provenance
 
-        out.mkdir(parents=True, exist_ok=True)
-        write_tables(rows, out / "flops")
-        if per_layer:
-            write_tables(layers, out / "layers")
         settings = {"models": models or list(OFFICIAL), "prune": requested.to_dict(), "seq_len": seq_len,
                     "head": head, "counted": "analytic, from the schedule (no weights read)"}
-        write_atomic(out / "report.json", json.dumps({"settings": settings, "provenance": provenance(),
-                                                      "models": rows, "layers": layers}, indent=2) + "\n")
+        with atomic_directory(out) as tmp:  # appears whole, or replaces an earlier report whole
+            write_tables(rows, tmp / "flops")
+            if per_layer:
+                write_tables(layers, tmp / "layers")
+            (tmp / "report.json").write_text(json.dumps({"settings": settings, "provenance": provenance(),
+                                                         "models": rows, "layers": layers}, indent=2) + "\n")
 
 
 @command("flops-match")

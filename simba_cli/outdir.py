@@ -39,14 +39,17 @@ def write_atomic(path: Path, text: str):
 def atomic_directory(directory: Path):
     """Yield a temporary directory beside `directory`; on success it replaces `directory` whole.
 
-    The directory gets the permissions of a plain mkdir (a temporary directory is private, mode 0700;
-    a saved model must be readable by whoever may read its parent)."""
+    Everything in it gets the permissions of a plain mkdir and open (a temporary directory is private, mode
+    0700; a saved model must be readable by whoever may read its parent)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())
+        mask = _umask()  # some writers (safetensors) make their files private: give everything the usual modes
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        tmp.chmod(0o777 & ~mask)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

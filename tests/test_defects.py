@@ -160,3 +160,200 @@ def test_offline_tasks_never_ask_for_the_hub(monkeypatch):
     monkeypatch.setattr(harness, "hub_reachable", no_hub)
     loaded = harness.task_dict(["simba_choice"])
     assert list(loaded["tasks"]) == ["simba_choice"]
+
+
+# --- what a new user met: each of these ended in a traceback, was silently taken, or blocked a rerun ---
+
+def _one_line_error(r, *words):
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert all(w in r.output for w in words), r.output
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from simba_cli.data.bpe import train_bpe
+    from simba_cli.models.checkpoint import save_checkpoint
+    from tests.conftest import random_model, tiny_config
+    from tests.test_eval import TEXT
+
+    return save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4), seed=3),
+                           tmp_path_factory.mktemp("m") / "hf", tokenizer=train_bpe(TEXT, 300))
+
+
+def test_every_command_given_out_naming_a_file_exits_2_with_one_line(model_dir, tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("a user's file")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {source: shakespeare, seq_len: 32}\ntrain: {steps: 1}\n")
+    for args in (["prune", str(model_dir)], ["eval", str(model_dir), "--tasks", "simba_choice"],
+                 ["compare", "--models", str(model_dir)], ["flops-report", "mamba-130m"],
+                 ["finetune", str(model_dir), "--recipe", str(recipe)]):
+        _one_line_error(CliRunner().invoke(app, [*args, "--out", str(a_file)]), "is a file")
+    assert a_file.read_text() == "a user's file"
+
+
+def test_eval_limit_must_be_positive(model_dir):
+    for limit in ("0", "-3"):
+        _one_line_error(CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "simba_choice", "--limit", limit]),
+                        "--limit must be at least 1")
+
+
+def test_compare_recipes_with_wrongly_typed_values(tmp_path):
+    for body, words in (("limit: many\n", ["limit must be int", "'many'"]),
+                        ("final_keeps: 0.1\n", ["final_keeps must be a list"]),
+                        ("criteria: [simba, 3]\n", ["criteria[1] must be str"]),
+                        ("match_flops: maybe\n", ["match_flops must be bool"]),
+                        ("", ["is empty"]), ("- a\n- b\n", ["must be a mapping"])):
+        path = tmp_path / "c.yaml"
+        path.write_text(body)
+        _one_line_error(CliRunner().invoke(app, ["compare", "--recipe", str(path), "--out", str(tmp_path / "o")]),
+                        *words)
+        assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_recipe_does_not_start_a_default_run(model_dir, tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    r = CliRunner().invoke(app, ["finetune", str(model_dir), "--recipe", str(tmp_path / "empty.yaml"),
+                                 "--out", str(tmp_path / "run")])
+    _one_line_error(r, "is empty")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_asks_for_cuda_without_cuda(model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "To be", "--device", "cuda"])
+    _one_line_error(r, "no CUDA device")
+
+
+def test_perplexity_longer_than_the_held_out_text_fails_before_any_task(model_dir, tmp_path, monkeypatch):
+    from simba_cli.eval import harness
+
+    def no_task_may_run(*a, **k):
+        raise AssertionError("a task ran before the perplexity settings were checked")
+
+    monkeypatch.setattr(harness, "run_tasks", no_task_may_run)
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    r = CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "simba_choice", "--limit", "2",
+                                 "--ppl-contexts", "4096", "--ppl-data", str(text)])
+    _one_line_error(r, "too few for 16 windows of 4096", "short.txt")
+
+
+def test_a_compare_that_fails_on_an_unknown_model_or_task_leaves_nothing(model_dir, tmp_path):
+    out = tmp_path / "out"
+    _one_line_error(CliRunner().invoke(app, ["compare", "--models", str(tmp_path / "nope"), "--out", str(out)]))
+    assert not out.exists()
+    _one_line_error(CliRunner().invoke(app, ["compare", "--models", str(model_dir), "--tasks", "no_such_task_xyz",
+                                             "--out", str(out)]), "no_such_task_xyz")
+    assert not out.exists()
+
+
+def test_a_compare_with_nothing_finished_resumes_with_other_settings(tmp_path):
+    """A run that wrote its compare.yaml but finished no evaluation holds nothing to protect."""
+    from simba_cli.eval.compare import CompareSpec, prepare_out
+
+    out = tmp_path / "out"
+    (out / "parts").mkdir(parents=True)
+    (out / "compare.yaml").write_text("models: [zoo-s]\nlimit: 7\n")
+    spec = CompareSpec(models=["zoo-s"], limit=5)
+    assert prepare_out(out, spec, resume=True) is False
+    assert CompareSpec.from_yaml(out / "compare.yaml") == spec
+    (out / "parts" / "done.json").write_text("{}")
+    with pytest.raises(UserError, match="differ"):
+        prepare_out(out, CompareSpec(models=["zoo-s"], limit=9), resume=True)
+
+
+def test_generation_stopped_at_eos_does_not_return_the_marker(model_dir, monkeypatch):
+    """lm-eval's `hf` model leaves the end-of-text token out of a generation; exact match depends on it."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from simba_cli.eval.lm import SimbaLM
+    from simba_cli.models import decode
+
+    lm = SimbaLM(pretrained=str(model_dir), device="cpu")
+    eos, word = lm.eot_token_id, lm.tok_encode(" be")
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: torch.tensor([word + [eos, eos]]))
+    req = Instance("generate_until", {}, ("To be, or not to", {"until": ["\n\n"], "max_gen_toks": 8}), 0)
+    assert lm.generate_until([req]) == [" be"]
+
+
+def test_max_length_is_lm_evals_hf_choice_and_long_documents_score_alike(model_dir):
+    """Mamba configs name no maximum length: like lm-eval's `hf` model, the tokenizer's model_max_length
+    (the zoo's says 1,000,000) or else 2048. A context of 2,500 tokens is scored whole by both."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import TOKENIZER_INFINITY
+
+    from simba_cli.eval.lm import SimbaLM
+
+    ours, hf = SimbaLM(pretrained=str(model_dir), device="cpu"), HFLM(pretrained=str(model_dir), device="cpu")
+    assert ours.max_length == hf.max_length == 1_000_000
+    ours.tokenizer.model_max_length = TOKENIZER_INFINITY
+    assert ours.max_length == 2048
+    ours.tokenizer.model_max_length = 1_000_000
+    context = "To be, or not to be, that is the question. " * 250
+    assert len(ours.tok_encode(context)) > 2048
+    req = [Instance("loglikelihood", {}, (context, " Whether"), 0)]
+    (a, _), (b, _) = ours.loglikelihood(req)[0], hf.loglikelihood(req)[0]
+    assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_saved_models_are_readable_by_other_users(tmp_path):
+    from simba_cli.models.checkpoint import save_checkpoint
+    from tests.conftest import random_model
+
+    old = os.umask(0o022)
+    try:
+        target = save_checkpoint(random_model(), tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in target.iterdir())
+
+
+def test_eval_perplexity_on_a_users_own_text(tmp_path):
+    """`simba eval zoo-s --ppl-contexts 256 --ppl-data some.txt`: the protocol on any local text."""
+    text = tmp_path / "some.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000)))
+    out = tmp_path / "ppl"
+    r = CliRunner().invoke(app, ["eval", "zoo-s", "--tasks", "", "--ppl-contexts", "256", "--ppl-data", str(text),
+                                 "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["ppl_data"] == str(text) and res["perplexity"][0]["context"] == 256
+    assert 1 < res["perplexity"][0]["ppl"] < 2048
+    assert "some.txt" in (out / "results.md").read_text()
+
+
+def test_eval_prints_narrow_tables_and_no_lm_eval_bars(model_dir):
+    """As a user runs it (a process of its own): lm-eval's tqdm bars and bootstrapping lines stay out; the
+    tables fit 80 columns; the progress bar goes to stderr."""
+    r = subprocess.run([sys.executable, "-m", "simba_cli.cli", "eval", str(model_dir), "--tasks",
+                        "simba_cloze,simba_choice", "--limit", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    both = r.stdout + r.stderr
+    assert "Tokenizing" not in both and "bootstrapping" not in both and "it/s" not in both, both
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80, r.stdout
+    assert "acc_norm" in r.stdout and "stderr" in r.stdout and "mean keep" in r.stdout
+
+
+def test_the_layers_import_downwards_only():
+    """simba/ (the core) never imports report/ (or eval, train); eval/ never imports train/."""
+    import ast
+
+    rules = {"simba": ("simba_cli.report", "simba_cli.eval", "simba_cli.train", "simba_cli.cli"),
+             "models": ("simba_cli.report", "simba_cli.eval", "simba_cli.train", "simba_cli.cli"),
+             "eval": ("simba_cli.train", "simba_cli.cli")}
+    for package, forbidden in rules.items():
+        for path in (ROOT / "simba_cli" / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                bad = [n for n in names if n.startswith(forbidden)]
+                assert not bad, f"{path.name} imports {bad}"

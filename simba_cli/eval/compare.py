@@ -287,8 +287,11 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
 def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: bool = False,
                 progress: bool = True) -> dict:
     """setup, prepare_out, run, finish; returns the summary (also written to out/summary.json)."""
+    from simba_cli.outdir import check_out
+
     out = Path(out)
     started = time.time()
+    check_out(out, "compare.yaml", "compare", overwrite=overwrite, resume=resume)  # at once, before the setup
     plan = setup(spec)
     prepare_out(out, spec, overwrite, resume)
     try:

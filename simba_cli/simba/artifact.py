@@ -22,7 +22,7 @@ import yaml
 
 from simba_cli.errors import UserError
 from simba_cli.models.config import MambaConfig
-from simba_cli.outdir import write_atomic
+from simba_cli.outdir import check_not_file, write_atomic
 from simba_cli.provenance import provenance
 from simba_cli.simba.flops import analytic
 from simba_cli.simba.settings import PruneConfig, check_seq_len
@@ -63,6 +63,7 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Mamb
                    overwrite: bool = False, **extra) -> Path:
     """Write `simba.yaml` into `target` (created if needed); the file is written whole or not at all."""
     target = Path(target)
+    check_not_file(target)
     path = target / FILENAME
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
