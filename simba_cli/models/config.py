@@ -13,7 +13,7 @@ Glossary (code name -> paper symbol):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from simba_cli.errors import UserError
 
@@ -48,14 +48,6 @@ class MambaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MambaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
 
     # --- mamba-ssm's config.json (state-spaces/mamba-*) -------------------------------------
     @classmethod

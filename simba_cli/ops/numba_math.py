@@ -44,11 +44,6 @@ def softplus(x):
     return x if x > np.float32(20.0) else np.log1p(np.exp(x))
 
 
-@nb.njit(inline="always", fastmath=True)
-def sigmoid(x):
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
-
-
 def channel_chunks(batch: int, channels: int) -> int:
     """Channel-chunk width so that batch x chunks keeps every numba thread busy."""
     threads = nb.get_num_threads()

@@ -21,7 +21,7 @@ processed ("measured"), with `count_layer`, `count_criterion` and `count_head` b
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from simba_cli.models.config import MambaConfig
 from simba_cli.simba.settings import mean_keep
@@ -74,7 +74,6 @@ class FlopsCount:
     head_positions: int
     sequences: int = 1
     input_tokens: int = 0  # real tokens given to the model (the denominator of keep ratios)
-    extra: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -117,14 +116,8 @@ class FlopsCount:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("extra")
         d.update(total=self.total, keep_ratios=self.keep_ratios)
         return d
-
-
-def empty_count(cfg: MambaConfig) -> FlopsCount:
-    z = [0] * cfg.n_layer
-    return FlopsCount(list(z), list(z), list(z), 0, 0, 0, 0)
 
 
 def tokens_per_layer(keep_ratios: list[float], seq_len: int, min_tokens: int = 1) -> list[int]:

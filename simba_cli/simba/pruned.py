@@ -19,7 +19,7 @@ padded to the longest, and padding never enters a ranking.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +40,6 @@ class PrunedOutput:
     flops: FlopsCount  # measured from the tokens each layer processed
     kept: list[torch.Tensor] | None = None  # with trace=True: per layer, (b, l_i) positions, -1 on padding
     state: DecodeState | None = None  # with final_state=True: each layer's state after its last token
-    extra: dict = field(default_factory=dict)
 
 
 def budgets(ratios: list[float], lengths: torch.Tensor, n_protected: torch.Tensor) -> list[torch.Tensor]:
