@@ -52,6 +52,10 @@ def convert(tp, value, where: str, strings: bool = False):
         args = typing.get_args(tp)
         if strings and isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{where} must be a list, got {value!r}")
+            args = (args[0],) * len(value)
         if origin is tuple and (not isinstance(value, (list, tuple)) or len(value) != len(args)):
             raise UserError(f"{where} must be a list of {len(args)} values, got {value!r}")
         if origin is list:

@@ -311,3 +311,21 @@ def test_measured_flops_equal_analytic():
     assert out.flops.criterion[-1] == 0 and all(c > 0 for c in out.flops.criterion[:-1])
     assert out.flops.keep_ratios == [1.0, 0.8, 0.6, 0.4, 0.2]
     assert math.isclose(expected.total / analytic(model.cfg, 50).total, 0.6, rel_tol=0.2)
+
+
+def test_truncate_is_the_dense_model_on_the_last_tokens():
+    """The equal-FLOPs baseline: every layer, the first included, reads only the last ceil(r L) tokens
+    (protected ones always); in exit mode the tokens never read exit with their embedding."""
+    model = random_model(tiny_config(n_layer=4), 5)
+    ids, lengths = torch.randint(0, 64, (2, 40)), torch.tensor([40, 30])
+    protected = torch.zeros(2, 40, dtype=torch.bool)
+    protected[0, 35:40], protected[1, 25:30] = True, True
+    config = PruneConfig("truncate", 0.5, mode="protect")
+    out = pruned_forward(model, ids, config, lengths, protected=protected)
+    for i, (length, kept) in enumerate([(40, 20), (30, 15)]):
+        dense_tail = model(ids[i:i + 1, length - kept:length])[0, -5:]
+        torch.testing.assert_close(out.logits[i][out.valid[i]], dense_tail, rtol=1e-4, atol=1e-5)
+    assert out.flops.tokens_in == [35] * 4 and sum(out.flops.criterion) == 0
+    assert config.label() == "truncate 0.5" and config.keep_ratios(4) == [0.5] * 4
+    exits = pruned_forward(model, ids[:1], PruneConfig("truncate", 0.5))
+    torch.testing.assert_close(exits.logits[0, :20], model.logits_from_stream(model.embed(ids[:1, :20]))[0])

@@ -23,25 +23,48 @@ def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
 
 
 class BatchSampler:
-    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+    """Training batches: windows of the token stream at random starts, and, with a `RecallSampler`, a share
+    of long-range recall documents in their place. Everything is drawn from one seeded generator, whose
+    state (with the number of batches drawn, for the curriculum) is part of every checkpoint."""
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, seed: int, recall=None):
         if stream.numel() < seq_len + 2:
             raise UserError(f"the training data has {stream.numel()} tokens, fewer than one window of "
                             f"data.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len")
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.recall = recall  # a data.longrange.RecallSampler of seq_len + 1 tokens, or None
+        self.draws = 0
 
-    def next(self, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """The next global batch's rows for this process: (batch_size // world, seq_len + 1)."""
+    def next(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This process's rows of the next global batch, (batch_size // world, seq_len + 1), and the loss
+        weight of each target (None without recall documents)."""
         starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.batch_size,),
                                generator=self.generator)
-        mine = starts[rank::world]
-        return torch.stack([self.stream[s:s + self.seq_len + 1] for s in mine.tolist()])
+        rows = [self.stream[s:s + self.seq_len + 1] for s in starts.tolist()]
+        weights = None
+        if self.recall is not None:
+            import random
+
+            mix = self.recall.mix
+            chosen = torch.rand(self.batch_size, generator=self.generator) < mix.share
+            seeds = torch.randint(0, 2**62, (self.batch_size,), generator=self.generator).tolist()
+            reach = self.recall.reach_at(self.draws)
+            weights = torch.ones(self.batch_size, self.seq_len)
+            for i in range(self.batch_size):
+                if chosen[i] and i % world == rank:  # only this process's rows are built
+                    rows[i], mask = self.recall.document(random.Random(seeds[i]), reach)
+                    weights[i, mask[1:]] = mix.answer_weight
+            weights = weights[rank::world]
+        self.draws += 1
+        return torch.stack(rows[rank::world]), weights
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "draws": self.draws}
 
     def load_state_dict(self, state: dict):
         self.generator.set_state(state["generator"])
+        self.draws = state.get("draws", 0)
 
 
 def eval_windows(stream: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 
 from simba_cli.errors import UserError
-from simba_cli.eval.tasks import TASKS, build_tasks
+from simba_cli.eval.tasks import ALL_TASKS as TASKS
+from simba_cli.eval.tasks import build_tasks
 
 
 def task_dict(tasks: list[str], source: str = "shakespeare"):

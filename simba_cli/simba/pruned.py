@@ -107,6 +107,13 @@ def pruned_forward(model: MambaLM, input_ids: torch.Tensor, config: PruneConfig 
     positions = pos_grid.expand(b, L)
     cur_len = lengths
     exit_stream = None  # (b, L, d) streams of exited tokens, made on the first exit
+    if bool((keep[0] < lengths).any()):  # truncate: even layer 0 reads only the last tokens (and protected)
+        idx, cur_len = select(positions.float(), lengths, keep[0], prot)
+        if config.mode == "exit":  # a token never read exits with its embedding
+            exit_stream = torch.zeros(b, L + 1, cfg.d_model, dtype=torch.float32 if cfg.residual_in_fp32
+                                      else hidden.dtype, device=device)
+            _write_streams(exit_stream, hidden, positions, lengths)
+        hidden, positions, prot = _gather(hidden, idx), _gather(positions, idx), _gather(prot, idx)
     tokens_in, layer_flops, crit_flops = [], [], []
     kept_trace, conv_states, ssm_states = [], [], []
     for i, block in enumerate(model.layers):

@@ -8,6 +8,8 @@ before `first_layer` keep everything too. With f = first_layer and n layers:
     cosine    r_l = final_keep + (1 - final_keep) * (1 + cos(pi x)) / 2,  x = (l - f + 1) / (n - f)
     constant  r_l = final_keep                                          for l >= f
     step      `stages` equal groups of layers from f on, stepping from 1 down to final_keep
+    truncate  r_l = final_keep for every layer, layer 0 included: the dense model reading only the last
+              tokens of its input (the baseline to clear at equal FLOPs; no criterion)
 
 so that linear, cosine and step reach final_keep at the last layer. With linear to 0.1 from layer 1,
 the mean keep ratio is 0.55. Layer l computes the criterion on its own tokens and keeps the top
@@ -20,12 +22,16 @@ import math
 
 from simba_cli.errors import UserError
 
-SCHEDULES = ("none", "linear", "cosine", "constant", "step")
+SCHEDULES = ("none", "linear", "cosine", "constant", "step", "truncate")
 
 
 def keep_ratios(kind: str, final_keep: float, n_layer: int, first_layer: int = 1, stages: int = 4) -> list[float]:
     """r_l for l = 0 .. n_layer - 1 (the arguments are checked by `PruneConfig`)."""
-    if kind == "none" or n_layer == 1:
+    if kind == "none":
+        return [1.0] * n_layer
+    if kind == "truncate":
+        return [final_keep] * n_layer
+    if n_layer == 1:
         return [1.0] * n_layer
     f = first_layer
     if f >= n_layer:

@@ -87,9 +87,11 @@ class PruneConfig:
 
     def label(self) -> str:
         """A compact name for tables: 'dense', 'simba 0.1' (the linear schedule from layer 1), else with
-        the schedule: 'recent 0.3 step from 4'."""
+        the schedule: 'recent 0.3 step from 4'; 'truncate 0.55' (the last 55% of the input, dense)."""
         if self.dense:
             return "dense"
+        if self.schedule == "truncate":
+            return f"truncate {self.final_keep:.4g}"
         text = f"{self.criterion} {self.final_keep:.4g}"
         if self.schedule != "linear":
             text += f" {self.schedule}"
@@ -101,6 +103,8 @@ class PruneConfig:
         """What identifies a setting's results (the output mode and seed aside)."""
         if self.dense:
             return ("none",)
+        if self.schedule == "truncate":
+            return ("truncate", round(self.final_keep, 6))
         return (self.schedule, round(self.final_keep, 6), self.first_layer, self.stages, self.criterion)
 
     def to_dict(self) -> dict:

@@ -93,11 +93,12 @@ class LossFn:
     def __init__(self, recipe: Recipe):
         self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
 
-    def __call__(self, model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __call__(self, model, batch: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """(mean loss, targets counted); `weights` (b, seq_len): each target's weight (recall answers)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         if self.prune is None:
             logits = model(inputs)
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), targets.numel()
+            return _weighted_ce(logits, targets, weights), targets.numel()
         from simba_cli.simba.pruned import pruned_forward
 
         protected = None
@@ -107,7 +108,16 @@ class LossFn:
         out = pruned_forward(model, inputs, self.prune, protected=protected)
         # out.logits (b, P, V) at out.positions (b, P)
         tgt = torch.gather(targets, 1, out.positions)
-        return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten()), tgt.numel()
+        w = None if weights is None else torch.gather(weights, 1, out.positions)
+        return _weighted_ce(out.logits, tgt, w), tgt.numel()
+
+
+def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    w = weights.flatten().to(ce.dtype)
+    return (ce * w).sum() / w.sum()
 
 
 class Objective(torch.nn.Module):
@@ -118,8 +128,8 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)[0]
+    def forward(self, batch: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss_fn(self.model, batch, weights)[0]
 
 
 @torch.no_grad()
@@ -135,6 +145,17 @@ def add_dropout(model: MambaLM, p: float) -> list:
 
     modules = [model.backbone.embedding, *(block.mixer.out_proj for block in model.layers)]
     return [m.register_forward_hook(hook) for m in modules]
+
+
+def held_out_recall(model, sets: dict[str, list], device) -> dict[str, float]:
+    """Greedy recall accuracy (whole answers) on each held-out set of recall documents."""
+    from simba_cli.data.longrange import recall_accuracy
+
+    was_training = model.training
+    model.eval()
+    out = {f"{kind}_acc": recall_accuracy(model, docs, device)["recall_acc"] for kind, docs in sets.items()}
+    model.train(was_training)
+    return out
 
 
 def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int, device) -> float:
@@ -185,6 +206,7 @@ class Run:
     loss_fn: LossFn
     train_stream: torch.Tensor
     val_windows: torch.Tensor
+    val_recall: dict[str, list]  # kind -> held-out recall documents (from validation text)
     init_from: str | None
     resuming: bool  # --resume with a checkpoint to continue from
 
@@ -218,11 +240,19 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
     val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
+    val_recall = {}
+    if recipe.data.recall is not None:
+        from simba_cli.data.longrange import RecallSampler
+
+        val_stream = tokenize_documents(tokenizer, val_docs)
+        held_out = RecallSampler(tokenizer, val_stream, recipe.data.seq_len + 1, recipe.data.recall)
+        val_recall = {"passkey": held_out.fixed("passkey", 32, seed=1),
+                      "mqar": held_out.fixed("mqar", 32, seed=2, pairs=max(recipe.data.recall.pairs))}
     resuming = resumable and (out / ckpt.CHECKPOINT).is_file()
     if resuming and load_recipe(out / "recipe.yaml").to_dict() != recipe.to_dict():
         raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
-    return Run(recipe, out, device, dd, model, tokenizer, LossFn(recipe), train_stream, val_windows, init_from,
-               resuming)
+    return Run(recipe, out, device, dd, model, tokenizer, LossFn(recipe), train_stream, val_windows, val_recall,
+               init_from, resuming)
 
 
 def prepare_out(run: Run):
@@ -247,7 +277,13 @@ def train(run: Run, progress: bool = True) -> TrainState:
     """The training loop, from the checkpoint when resuming: log, held-out evaluations, checkpoints."""
     recipe, model, device, dd, out = run.recipe, run.model, run.device, run.dd, run.out
     add_dropout(model, recipe.train.dropout)
-    sampler = BatchSampler(run.train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed)
+    recall = None
+    if recipe.data.recall is not None:
+        from simba_cli.data.longrange import RecallSampler
+
+        recall = RecallSampler(run.tokenizer, run.train_stream, recipe.data.seq_len + 1, recipe.data.recall)
+    sampler = BatchSampler(run.train_stream, recipe.data.seq_len, recipe.train.batch_size, recipe.train.seed,
+                           recall)
     optimizer = _optimizer(model, recipe)
     at = TrainState()
     if run.resuming:
@@ -293,9 +329,9 @@ def train(run: Run, progress: bool = True) -> TrainState:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(at.step, recipe)
-                batch = sampler.next(dd.rank, dd.world).to(device)
+                batch, weights = sampler.next(dd.rank, dd.world)
                 with autocast():
-                    loss = objective(batch)
+                    loss = objective(batch.to(device), None if weights is None else weights.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.optim.grad_clip > 0:
@@ -314,8 +350,11 @@ def train(run: Run, progress: bool = True) -> TrainState:
                     bar.update(completed=at.step, loss=at.loss, rate=rate)
                 if at.step % recipe.train.eval_every == 0 or at.step == recipe.train.steps:
                     val = evaluate_loss(model, run.val_windows, run.loss_fn, recipe.train.batch_size, device)
-                    write_log({"step": at.step, "val_loss": val, "val_ppl": math.exp(val), "elapsed_s": at.elapsed})
-                    bar.note(f"step {at.step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})")
+                    recall = held_out_recall(model, run.val_recall, device)
+                    write_log({"step": at.step, "val_loss": val, "val_ppl": math.exp(val), **recall,
+                               "elapsed_s": at.elapsed})
+                    bar.note(f"step {at.step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})"
+                             + "".join(f", {k} {v:.2f}" for k, v in recall.items()))
                 if at.step % recipe.train.checkpoint_every == 0 or at.step == recipe.train.steps:
                     checkpoint_now()
     except KeyboardInterrupt:
@@ -341,6 +380,7 @@ def finish(run: Run, at: TrainState) -> dict:
             "train_time_s": round(at.elapsed, 1), "final_train_loss": at.loss, "val_loss": val,
             "val_ppl": math.exp(val), "val_tokens": int(run.val_windows[:, 1:].numel()),
             "val_seq_len": recipe.data.seq_len, "pruned": recipe.prune is not None,
+            **held_out_recall(model, run.val_recall, run.device),
         }
         if recipe.prune is not None:  # what a training (and held-out) forward of seq_len tokens costs, pruned
             seq = recipe.data.seq_len

@@ -9,6 +9,13 @@
     data:
       source: shakespeare          # or a file, a directory, a saved dataset, hf:NAME
       seq_len: 512
+      recall:                      # optional: long-range recall documents (data.longrange) from training text
+        share: 0.5                 # of the batch's rows
+        passkey: 0.5               # relative weights of the two kinds
+        mqar: 0.5
+        pairs: [4, 8, 16]          # facts per mqar document
+        curriculum_steps: 1000     # facts placed ever further back over these steps
+        answer_weight: 4.0         # loss weight of an answer token
     optim:
       lr: 3.0e-3
       ...
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from simba_cli.data.longrange import RecallMix
 from simba_cli.errors import UserError
 from simba_cli.simba.settings import PruneConfig
 from simba_cli.typed import build
@@ -59,6 +67,7 @@ class DataSpec:
     seq_len: int = 512
     text_field: str = "text"
     val_tokens: int = 65536  # held-out tokens scored at each evaluation during training
+    recall: RecallMix | None = None  # long-range recall documents mixed in (data.longrange), from training text
 
 
 @dataclass
@@ -111,6 +120,15 @@ class Recipe:
              "train.eval_every, checkpoint_every and log_every must be at least 1"),
             (self.train.protect_last >= 1, "train.protect_last must be at least 1"),
         ]
+        if (mix := self.data.recall) is not None:
+            checks += [
+                (0 <= mix.share <= 1, "data.recall.share must be in [0, 1]"),
+                (mix.passkey >= 0 and mix.mqar >= 0 and mix.passkey + mix.mqar > 0,
+                 "data.recall.passkey and .mqar are weights: not negative, not both 0"),
+                (bool(mix.pairs) and all(1 <= k <= 64 for k in mix.pairs), "data.recall.pairs: numbers in 1..64"),
+                (mix.answer_weight > 0, "data.recall.answer_weight must be positive"),
+                (mix.curriculum_steps >= 0, "data.recall.curriculum_steps must be >= 0"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"recipe {self.name!r}: {message}")

@@ -1,0 +1,163 @@
+"""Long-range recall documents: facts stated once inside filler text, asked for at the end.
+
+One format serves training and evaluation, so that a model trained on it knows what is asked:
+
+    ... filler (play text) ...
+    Remember: the sword is noble.          a fact, at some depth of the document
+    ... filler ...
+    Remember: the crown is gentle.
+    ... filler ...
+    Recall: the crown is gentle.           queries at the end, one per line
+    Recall: the sword is noble.
+
+    passkey   one fact, "the pass key is 48213" (a five-digit number): retrieval at a chosen depth
+    mqar      K facts with one-token keys and values (the Zoology setting, in words), K queries
+
+Keys and values are words that are single tokens of the embedded zoo's tokenizer, so a query's answer
+is one token (passkey: six, a space and five digits). Training documents are assembled from token
+pieces cut out of the training plays (`RecallSampler`); evaluation documents are text built from the
+evaluation plays (`eval.tasks`). Neither reads the other's plays.
+
+Keeping only the most recent tokens must lose a fact stated further back than the kept tokens reach:
+with final_keep r at the last layer of a context of L tokens, `recent` keeps the last r L tokens there,
+so a fact at depth d (0 = the start, 1 = just before the question) is beyond its reach in the top layer
+when (1 - d) L > r L, i.e. when d < 1 - r.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+KEYS = tuple("""king queen duke lord lady prince knight father mother brother sister uncle cousin husband wife
+child maid servant master fool villain devil crown sword ring gold horse house court field fire wind earth
+heaven grave letter music oath deed name heart soul blood body head hand face tongue night light peace power
+truth virtue honour fortune nature death life love grace faith""".split())
+VALUES = tuple("""good fair true false sweet dead poor rich strong proud happy holy noble gentle strange cold
+young wise kind foul dear free great high quick sick royal honest bloody little sure worthy""".split())
+PASSKEY = "pass key"
+KINDS = ("passkey", "mqar")
+
+
+def fact_line(key: str, value: str) -> str:
+    return f"\nRemember: the {key} is {value}.\n"
+
+
+def query_prefix(key: str) -> str:
+    return f"\nRecall: the {key} is"
+
+
+def answer_text(value: str) -> str:
+    return f" {value}."
+
+
+def passkey_value(rng: random.Random) -> str:
+    return str(rng.randrange(10000, 100000))
+
+
+def draw_facts(kind: str, n_pairs: int, rng: random.Random) -> list[tuple[str, str]]:
+    """The (key, value) facts of one document: one pass key, or n_pairs distinct keys with random values."""
+    if kind == "passkey":
+        return [(PASSKEY, passkey_value(rng))]
+    return list(zip(rng.sample(KEYS, n_pairs), (rng.choice(VALUES) for _ in range(n_pairs))))
+
+
+@dataclass
+class RecallMix:
+    """The synthetic share of a training batch (a recipe's data.recall section).
+
+    share: the share of rows that are recall documents (the rest are play windows);
+    kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
+    this list; curriculum_steps: over the first steps, facts are placed ever further back, from the last
+    tenth of the document to anywhere in it (short before long); answer_weight: the loss weight of
+    an answer token relative to any other token."""
+
+    share: float = 0.5
+    passkey: float = 0.5
+    mqar: float = 0.5
+    pairs: tuple[int, ...] = (4, 8, 16)
+    curriculum_steps: int = 0
+    answer_weight: float = 1.0
+
+
+class RecallSampler:
+    """Recall documents of exactly `length` tokens, cut from a filler token stream (the training plays).
+
+    Each document: facts at random depths (within the curriculum's reach), filler between, the queries at
+    the end. Returns the tokens and a mask of the answer tokens (for the loss weight and the accuracy)."""
+
+    def __init__(self, tokenizer, filler: torch.Tensor, length: int, mix: RecallMix):
+        self.tokenizer, self.filler, self.length, self.mix = tokenizer, filler, length, mix
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def document(self, rng: random.Random, reach: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (length,), answer mask (length,) bool). `reach` in (0, 1]: facts lie in the last `reach`
+        share of the document before the queries."""
+        mix = self.mix
+        kind = rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
+        facts = draw_facts(kind, rng.choice(mix.pairs), rng)
+        queries = rng.sample(facts, len(facts))
+        tail: list[int] = []
+        answers: list[bool] = []
+        for key, value in queries:
+            q, a = self._ids(query_prefix(key)), self._ids(answer_text(value))
+            tail += q + a
+            # the answer's tokens but its final period: what a model must recall
+            answers += [False] * len(q) + [True] * (len(a) - 1) + [False]
+        fact_ids = [self._ids(fact_line(k, v)) for k, v in facts]
+        body = self.length - len(tail) - sum(map(len, fact_ids))
+        if body < len(facts) + 1:
+            raise ValueError(f"a recall document of {self.length} tokens cannot hold {len(facts)} facts")
+        start = rng.randrange(0, self.filler.numel() - body)
+        filler = self.filler[start:start + body].tolist()
+        lowest = int(body * (1 - max(1e-3, min(1.0, reach))))
+        cuts = sorted(rng.randrange(lowest, body + 1) for _ in facts)
+        tokens, prev = [], 0
+        for cut, ids in zip(cuts, fact_ids):
+            tokens += filler[prev:cut] + ids
+            prev = cut
+        tokens += filler[prev:] + tail
+        mask = [False] * (len(tokens) - len(answers)) + answers
+        return torch.tensor(tokens), torch.tensor(mask)
+
+    def fixed(self, kind: str, n: int, seed: int, pairs: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`n` documents of one kind, the same on every call: a held-out set to measure recall on."""
+        mix = self.mix
+        self.mix = RecallMix(passkey=float(kind == "passkey"), mqar=float(kind == "mqar"), pairs=(pairs,))
+        try:
+            rng = random.Random(seed)
+            return [self.document(rng) for _ in range(n)]
+        finally:
+            self.mix = mix
+
+    def reach_at(self, step: int) -> float:
+        """The curriculum: how far back facts may lie at a training step."""
+        steps = self.mix.curriculum_steps
+        return 1.0 if steps <= 0 else min(1.0, 0.1 + 0.9 * step / steps)
+
+
+def recall_accuracy(model, docs: list[tuple[torch.Tensor, torch.Tensor]], device="cpu") -> dict:
+    """Greedy accuracy on recall documents (teacher-forced): per answer token, and per whole answer."""
+    tokens = torch.stack([d[0] for d in docs]).to(device)
+    mask = torch.stack([d[1] for d in docs]).to(device)
+    with torch.no_grad():
+        pred = model(tokens[:, :-1]).argmax(-1)
+    hit = (pred == tokens[:, 1:]) | ~mask[:, 1:]
+    token_acc = float(((pred == tokens[:, 1:]) & mask[:, 1:]).sum() / mask[:, 1:].sum().clamp(min=1))
+    # an answer is a run of masked tokens: it is right when all of its tokens are
+    runs, right = 0, 0
+    for row_hit, row_mask in zip(hit.tolist(), mask[:, 1:].tolist()):
+        ok, inside = True, False
+        for h, m in zip(row_hit, row_mask):
+            if m:
+                ok, inside = ok and h, True
+            elif inside:
+                runs, right, ok, inside = runs + 1, right + ok, True, False
+    return {"recall_token_acc": token_acc, "recall_acc": right / max(1, runs)}
