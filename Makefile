@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 SIMBA := $(BIN)/simba
 STAMP := $(VENV)/.installed
-ZOO := zoo-s zoo-m zoo-l
+ZOO := zoo-xs zoo-s zoo-m zoo-l zoo-xl
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -38,15 +38,14 @@ compare: $(STAMP)
 criteria: $(STAMP)
 	$(SIMBA) compare --recipe recipes/criteria.yaml --out runs/criteria --resume
 
-# Train the zoo (resumable: an interrupted run continues from its last checkpoint), then publish it
-# into the package.
+# Train the zoo ladder (resumable: an interrupted run continues from its last checkpoint), then publish
+# each model into the package (bf16 weights, its card measured: simba zoo --json).
 zoo: $(STAMP)
 	@for m in $(ZOO); do \
 	  run=runs/zoo/$$m; \
 	  if [ -f $$run/metrics.json ]; then echo "$$m: trained"; \
-	  elif [ -f $$run/checkpoint.pt ]; then $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --resume --quiet || exit 1; \
-	  else $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --overwrite --quiet || exit 1; fi; \
-	  rm -rf simba_cli/zoo/$$m && cp -r $$run/model simba_cli/zoo/$$m && cp $$run/run.json simba_cli/zoo/$$m/; \
+	  else $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --resume --quiet || exit 1; fi; \
+	  $(BIN)/python -m simba_cli.eval.zoocard $$run || exit 1; \
 	done
 
 # The paper's fine-tuning experiment in miniature (zoo-m with Simba pruning active vs a dense control).

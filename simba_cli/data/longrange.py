@@ -70,15 +70,16 @@ class RecallMix:
 
     share: the share of rows that are recall documents (the rest are play windows);
     kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
-    this list; curriculum_steps: over the first steps, facts are placed ever further back, from the last
-    tenth of the document to anywhere in it (short before long); answer_weight: the loss weight of
-    an answer token relative to any other token."""
+    this list; curriculum_steps: over the first steps, documents grow from `shortest` tokens (several
+    packed into one row) to a whole row (short before long, as tiny recurrent models learn retrieval);
+    answer_weight: the loss weight of an answer token relative to any other token."""
 
     share: float = 0.5
     passkey: float = 0.5
     mqar: float = 0.5
     pairs: tuple[int, ...] = (4, 8, 16)
     curriculum_steps: int = 0
+    shortest: int = 96
     answer_weight: float = 1.0
 
 
@@ -97,24 +98,41 @@ class RecallSampler:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def document(self, rng: random.Random, reach: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, rng: random.Random, reach: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training row of `length` tokens: one document, or (early in the curriculum, `reach` < 1)
+        several shorter ones of about reach * length tokens, packed."""
+        size = max(self.mix.shortest, int(reach * self.length))
+        parts, left = [], self.length
+        while left > 0:
+            n = left if left < 2 * size else size
+            parts.append(self.document(rng, length=n))
+            left -= n
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def document(self, rng: random.Random, reach: float = 1.0, length: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (length,), answer mask (length,) bool). `reach` in (0, 1]: facts lie in the last `reach`
         share of the document before the queries."""
         mix = self.mix
+        length = length or self.length
         kind = rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
         facts = draw_facts(kind, rng.choice(mix.pairs), rng)
-        queries = rng.sample(facts, len(facts))
-        tail: list[int] = []
-        answers: list[bool] = []
-        for key, value in queries:
-            q, a = self._ids(query_prefix(key)), self._ids(answer_text(value))
-            tail += q + a
-            # the answer's tokens but its final period: what a model must recall
-            answers += [False] * len(q) + [True] * (len(a) - 1) + [False]
-        fact_ids = [self._ids(fact_line(k, v)) for k, v in facts]
-        body = self.length - len(tail) - sum(map(len, fact_ids))
-        if body < len(facts) + 1:
-            raise ValueError(f"a recall document of {self.length} tokens cannot hold {len(facts)} facts")
+        while True:  # a short document holds fewer facts: halve them until they fit
+            queries = rng.sample(facts, len(facts))
+            tail: list[int] = []
+            answers: list[bool] = []
+            for key, value in queries:
+                q, a = self._ids(query_prefix(key)), self._ids(answer_text(value))
+                tail += q + a
+                # the answer's tokens but its final period: what a model must recall
+                answers += [False] * len(q) + [True] * (len(a) - 1) + [False]
+            fact_ids = [self._ids(fact_line(k, v)) for k, v in facts]
+            body = length - len(tail) - sum(map(len, fact_ids))
+            if body >= 1:
+                break
+            if len(facts) == 1:
+                raise ValueError(f"a recall document of {length} tokens cannot hold one fact; make it longer")
+            facts = facts[:len(facts) // 2]
         start = rng.randrange(0, self.filler.numel() - body)
         filler = self.filler[start:start + body].tolist()
         lowest = int(body * (1 - max(1e-3, min(1.0, reach))))
@@ -138,7 +156,7 @@ class RecallSampler:
             self.mix = mix
 
     def reach_at(self, step: int) -> float:
-        """The curriculum: how far back facts may lie at a training step."""
+        """The curriculum: the share of a row one document fills at a training step."""
         steps = self.mix.curriculum_steps
         return 1.0 if steps <= 0 else min(1.0, 0.1 + 0.9 * step / steps)
 

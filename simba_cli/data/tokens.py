@@ -53,7 +53,7 @@ class BatchSampler:
             weights = torch.ones(self.batch_size, self.seq_len)
             for i in range(self.batch_size):
                 if chosen[i] and i % world == rank:  # only this process's rows are built
-                    rows[i], mask = self.recall.document(random.Random(seeds[i]), reach)
+                    rows[i], mask = self.recall.row(random.Random(seeds[i]), reach)
                     weights[i, mask[1:]] = mix.answer_weight
             weights = weights[rank::world]
         self.draws += 1

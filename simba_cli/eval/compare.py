@@ -53,6 +53,7 @@ class CompareSpec:
     schedule: str = "linear"
     final_keeps: list[float] = field(default_factory=lambda: [0.3, 0.1])
     criteria: list[str] = field(default_factory=lambda: ["simba", "recent", "random"])
+    truncate: bool = True  # beside each pruned point, the dense model reading only the last tokens, same FLOPs
     match_flops: bool = True  # also prune each model to the next smaller model's FLOPs, where reachable
     match_seq_len: int = 512
     ppl_contexts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
@@ -107,10 +108,12 @@ class CompareSpec:
 
 @dataclass(frozen=True)
 class Setting:
-    """One way of running a model: its prune settings and, for a FLOPs-matched point, the model matched."""
+    """One way of running a model: its prune settings; for a FLOPs-matched point, the model matched; for a
+    baseline at the cost of a pruned setting (truncate), that setting's key (the two are paired)."""
 
     config: PruneConfig
     matched: str | None = None
+    beside: tuple | None = None
 
     @property
     def label(self) -> str:
@@ -126,26 +129,38 @@ class Plan:
     settings: dict[str, list[Setting]]
     tasks: dict | None  # lm-eval's loaded task dict
     leaves: list[str]  # the tasks that run (a group such as mmlu runs as its member tasks)
-    ppl_settings: list[Setting]
+    ppl_settings: dict[str, list[Setting]]
 
     @property
     def n_jobs(self) -> int:
         n = sum(len(s) for s in self.settings.values()) * len(self.leaves)
-        return n + len(self.models) * len(self.ppl_settings) * bool(self.spec.ppl_contexts)
+        return n + sum(len(s) for s in self.ppl_settings.values()) * bool(self.spec.ppl_contexts)
 
 
 def settings_for(spec: CompareSpec, model: str, smaller: str | None) -> list[Setting]:
-    """Dense, the sweep for every criterion, and the FLOPs-matched point."""
+    """Dense, the sweep for every criterion (and truncate at its cost), and the FLOPs-matched point."""
+    from simba_cli.simba.flops_tables import match_final_keep, model_config
+
+    n_layer = model_config(model)[0].n_layer
+    subject = spec.criteria[0]
+
+    def beside(config: PruneConfig) -> Setting:  # the dense model on the last tokens, at the same body cost
+        share = round(config.mean_keep(n_layer), 6)
+        return Setting(PruneConfig("truncate", share), None, dataclasses.replace(config, criterion=subject).key())
+
     out = [Setting(DENSE)]
     for k in spec.final_keeps:
-        out += [Setting(PruneConfig(spec.schedule, k, criterion=c, seed=spec.seed)) for c in spec.criteria]
+        configs = [PruneConfig(spec.schedule, k, criterion=c, seed=spec.seed) for c in spec.criteria]
+        out += [Setting(c) for c in configs] + ([beside(configs[0])] if spec.truncate else [])
     if spec.match_flops and smaller is not None:
-        from simba_cli.simba.flops_tables import match_final_keep
-
         m = match_final_keep(model, smaller, spec.match_seq_len, PruneConfig(spec.schedule), head="last")
         if m.reachable and m.final_keep < 1:  # Simba and the recency baseline (random adds little here)
-            out += [Setting(PruneConfig(spec.schedule, round(m.final_keep, 6), criterion=c, seed=spec.seed), smaller)
-                    for c in spec.criteria if c != "random"]
+            configs = [PruneConfig(spec.schedule, round(m.final_keep, 6), criterion=c, seed=spec.seed)
+                       for c in spec.criteria if c != "random"]
+            out += [Setting(c, smaller) for c in configs]
+            if spec.truncate:
+                t = match_final_keep(model, smaller, spec.match_seq_len, PruneConfig("truncate"), head="last")
+                out.append(Setting(PruneConfig("truncate", round(t.final_keep, 6)), smaller, configs[0].key()))
     return out
 
 
@@ -161,8 +176,14 @@ def setup(spec: CompareSpec) -> Plan:
     settings = {name: settings_for(spec, name, models[i - 1] if i else None) for i, name in enumerate(models)}
     tasks = task_dict(spec.tasks) if spec.tasks else None
     leaves = list(tasks["tasks"]) if tasks else []
-    ppl = [Setting(DENSE)] + [Setting(PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c, seed=spec.seed))
-                              for c in spec.ppl_criteria]
+    ppl = {}
+    for name in models:
+        configs = [PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c, seed=spec.seed)
+                   for c in spec.ppl_criteria]
+        truncate = [s for s in settings_for(dataclasses.replace(spec, final_keeps=[spec.ppl_final_keep],
+                                                                criteria=spec.ppl_criteria, match_flops=False),
+                                            name, None) if s.config.schedule == "truncate"]
+        ppl[name] = [Setting(DENSE)] + [Setting(c) for c in configs] + truncate
     return Plan(spec, models, settings, tasks, leaves, ppl)
 
 
@@ -199,6 +220,7 @@ class Result:
     task: str
     row: dict
     per_doc: list[float]
+    doc_info: list[dict] | None = None
 
 
 def run(plan: Plan, out: Path, progress: bool = True) -> tuple[list[Result], list[Result]]:
@@ -228,11 +250,11 @@ def run(plan: Plan, out: Path, progress: bool = True) -> tuple[list[Result], lis
                         r = run_tasks(lm, only(plan.tasks, task), limit=spec.limit, log_samples=True)
                         write_atomic(path, json.dumps(_part(lm, name, setting, task, r)) + "\n")
                     part = json.loads(path.read_text())
-                    results.append(Result(name, setting, task, part["row"], part["per_doc"]))
+                    results.append(Result(name, setting, task, part["row"], part["per_doc"], part.get("doc_info")))
                     bar.advance()
             if spec.ppl_contexts:
                 stream = token_stream(runner.tokenizer)
-                for setting in plan.ppl_settings:
+                for setting in plan.ppl_settings[name]:
                     path = _part_path(out, name, setting, "ppl")
                     if not path.is_file():
                         bar.describe(f"{Path(name).name} {setting.label} perplexity")
@@ -254,7 +276,7 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     from simba_cli.eval.perplexity import table_rows
     from simba_cli.outdir import write_atomic
     from simba_cli.provenance import provenance
-    from simba_cli.report.plots import plot_flops_accuracy, plot_ppl_context
+    from simba_cli.report.plots import plot_flops_accuracy, plot_passkey_heatmaps, plot_ppl_context
     from simba_cli.report.tables import write_tables
 
     spec = plan.spec
@@ -277,7 +299,17 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     if ppl_rows:
         plot_ppl_context(ppl_rows, out / "ppl_context.png")
         figures["ppl_context"] = "ppl_context.png"
+    cells = breakdown_rows(results)
+    if cells:
+        write_tables(cells, out / "breakdown", notes=BREAKDOWN_NOTES)
+        for model in dict.fromkeys(r["model"] for r in cells):
+            mine = [r for r in cells if r["model"] == model and r["task"].startswith("simba_passkey")]
+            if mine:
+                name = f"passkey_{Path(model).name}.png"
+                plot_passkey_heatmaps(mine, out / name, title=f"{Path(model).name}: pass-key accuracy")
+                figures[f"passkey_{Path(model).name}"] = name
     summary = {"spec": spec.to_dict(), "rows": rows, "perplexity": ppl_rows, "paired": pairs, "pooled": pooled,
+               "breakdown": cells,
                "figures": figures, "elapsed_s": time.time() - started,
                "provenance": provenance(seed=spec.seed, device=spec.device)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -314,6 +346,12 @@ measured. `dense_curve`: "not monotone" where a larger dense model scored worse 
 makes the interpolation a guide at best.
 """
 
+BREAKDOWN_NOTES = """\
+The long-range tasks per setting of their documents: pass keys by context `length` (tokens) and `depth`
+of the key (0: the start of the passage, 1: just before the question); MQAR by `length` and `pairs` (K).
+`docs`: documents in the cell (a run with --limit has few per cell).
+"""
+
 PPL_NOTES = """\
 Perplexity of the last `ppl_score_last` tokens of each window (protected: never pruned), against the
 context length; `flops_per_window` and `mean_keep` measured.
@@ -344,11 +382,34 @@ def _part(lm, model: str, setting: Setting, task: str, r: dict) -> dict:
     else:
         per_doc = [_scalar(s.get(metric)) for s in samples]
     config = setting.config
-    row = {"model": model, "setting": setting.label, "criterion": "-" if config.dense else config.criterion,
+    criterion = "-" if config.dense else "truncate" if config.schedule == "truncate" else config.criterion
+    row = {"model": model, "setting": setting.label, "criterion": criterion,
            "final_keep": 1.0 if config.dense else config.final_keep, "matched": setting.matched, "task": task,
            "docs": n_docs, **metrics, "flops_per_doc": measured["flops"] / max(1, n_docs or 1),
            "mean_keep": measured.get("mean_keep"), "keep_ratios": measured.get("keep_ratios")}
-    return {"row": row, "per_doc": per_doc, "prune": config.to_dict()}
+    # what each document tests (long-range tasks: length, depth, pairs), for the breakdowns and heat maps
+    info = [{k: s["doc"][k] for k in BREAKDOWN if k in s.get("doc", {})} for s in samples]
+    return {"row": row, "per_doc": per_doc, "doc_info": info if any(info) else None, "prune": config.to_dict()}
+
+
+BREAKDOWN = ("length", "depth", "pairs")
+
+
+def breakdown_rows(results: list[Result]) -> list[dict]:
+    """The main metric of the long-range tasks per (length, depth) or (length, pairs): one row per model,
+    setting, task and cell, with the number of documents."""
+    rows = []
+    for r in results:
+        if not r.doc_info:
+            continue
+        cells: dict[tuple, list[float]] = {}
+        for info, value in zip(r.doc_info, r.per_doc):
+            key = tuple((k, info[k]) for k in BREAKDOWN if k in info and not (k == "depth" and "pairs" in info))
+            cells.setdefault(key, []).append(value)
+        for key, values in sorted(cells.items()):
+            rows.append({"model": r.model, "setting": r.setting.label, "task": r.task, **dict(key),
+                         r.row.get("metric", "acc"): float(np.mean(values)), "docs": len(values)})
+    return rows
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -407,7 +468,8 @@ def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
             continue
         others = [o for o in results if o.model == r.model and o.task == r.task and o is not r
                   and not o.setting.config.dense
-                  and dataclasses.replace(o.setting.config, criterion=subject).key() == config.key()]
+                  and (o.setting.beside == config.key() or o.setting.config.schedule != "truncate"
+                       and dataclasses.replace(o.setting.config, criterion=subject).key() == config.key())]
         dense = by_key.get((r.model, r.task, DENSE.key()))
         for other in others + ([dense] if dense is not None else []):
             if not r.per_doc or len(r.per_doc) != len(other.per_doc):
@@ -415,7 +477,8 @@ def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
             mean, se = paired(r.per_doc, other.per_doc)
             metric = r.row.get("metric")
             unit = "loglik/token" if r.task.startswith("ppl@") or metric == "loglik_per_token" else metric
-            vs = "dense" if other.setting.config.dense else other.setting.config.criterion
+            oc = other.setting.config
+            vs = "dense" if oc.dense else "truncate" if oc.schedule == "truncate" else oc.criterion
             out.append(pair_row(mean, se, model=r.model, setting=r.setting.label, task=r.task, per_doc=unit, vs=vs,
                                 docs=len(r.per_doc)))
     return out

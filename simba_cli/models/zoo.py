@@ -29,6 +29,17 @@ def _metrics(directory: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+CARD = ("params", "flops_per_token", "ppl_ctx128", "ppl_ctx1024", "passkey_acc", "passkey_by_depth",
+        "val_ppl", "train_time_s", "train_seq_len")
+
+
 def info(name: str) -> dict:
+    """A model's card: its size, FLOPs per token, held-out perplexity with 128 and 1024 tokens of context,
+    pass-key accuracy (dense, at its training length, every depth), and how it was trained (metrics.json,
+    measured by `simba_cli.eval.zoocard` after training; absent where not measured)."""
     d = path(name)
-    return {"name": name, **_metrics(d)} if d else {}
+    if d is None:
+        return {}
+    m = _metrics(d)
+    card = {"params": m.get("parameters"), "train_seq_len": m.get("val_seq_len"), **m}
+    return {"name": name, **{k: card.get(k) for k in CARD}}

@@ -446,3 +446,41 @@ def plot_ppl_context(rows: list[dict], out_path: Path) -> dict:
     drawn["legend"] = _legend_labels(legend)
     _save(fig, out_path)
     return drawn
+
+
+def plot_passkey_heatmaps(rows: list[dict], out_path: Path, title: str = "") -> dict:
+    """Pass-key accuracy by key depth (rows) and context length (columns): one panel per setting, one line
+    of panels per task. rows: model, setting, task, length, depth, acc, docs (compare's breakdown)."""
+    import numpy as np
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(1.9 * len(settings) + 1.2, 2.1 * len(tasks) + 0.6),
+                             squeeze=False)
+    image = None
+    for i, task in enumerate(tasks):
+        for j, setting in enumerate(settings):
+            ax = axes[i][j]
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for r in rows:
+                if r["task"] == task and r["setting"] == setting:
+                    grid[depths.index(r["depth"]), lengths.index(r["length"])] = r.get("acc", np.nan)
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for (y, x), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                            color="white" if v < 0.6 else "black")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if j == 0 else [], fontsize=7)
+            if i == 0:
+                ax.set_title(setting, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{task}\ndepth of the key", fontsize=7)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("context (tokens)", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.suptitle(title or "pass-key accuracy by depth and context length", fontsize=10)
+    _save(fig, out_path)
+    return {"path": str(out_path), "tasks": tasks, "settings": settings, "lengths": lengths, "depths": depths}

@@ -1,0 +1,91 @@
+"""What `simba zoo` shows of each model, measured once after training (`make zoo` runs it):
+
+    ppl_ctx128, ppl_ctx1024   held-out perplexity of the last 32 tokens of 32 windows of the evaluation
+                              plays, with 128 and with 1024 tokens of context (the PG-19 protocol):
+                              a model that uses its context has the second lower
+    passkey_acc               greedy exact match of the pass key (simba_passkey's documents at the model's
+                              training length, every depth), dense; passkey_by_depth the same per depth
+
+    python -m simba_cli.eval.zoocard runs/zoo/zoo-m           # publish a trained run into the zoo
+
+Publishing stores the weights in bfloat16 (the zoo ships inside the package; they load as float32),
+copies the tokenizer, recipe, run record and training log beside them, and measures the card on the
+published copy, so the card describes exactly the weights that ship.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CONTEXTS = (128, 1024)
+
+
+def measure(model_dir: str | Path, length: int | None = None, score_last: int = 32, windows: int = 32) -> dict:
+    from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+    from simba_cli.eval.tasks import PASSKEY_LENGTHS, build_tasks
+    from simba_cli.simba.runner import ModelRunner
+    from simba_cli.simba.settings import DENSE
+
+    runner = ModelRunner.load(str(model_dir), "cpu")
+    metrics_path = Path(model_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    length = length or metrics.get("val_seq_len") or 1024
+    length = max([n for n in PASSKEY_LENGTHS if n <= length] or [PASSKEY_LENGTHS[0]])
+    rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer), DENSE, CONTEXTS, score_last,
+                                   windows, 8, runner.device)
+    card = {f"ppl_ctx{r['context']}": r["ppl"] for r in rows}
+    docs = [json.loads(line) for line in (build_tasks() / "simba_passkey.jsonl").read_text().splitlines()]
+    docs = [d for d in docs if d["length"] == length]
+    by_depth: dict[str, list[bool]] = {}
+    tok = runner.tokenizer
+    for i in range(0, len(docs), 8):
+        batch = docs[i:i + 8]
+        pairs = [(tok.encode(d["context"]), tok.encode(" " + d["answer"])) for d in batch]
+        for d, (_, greedy) in zip(batch, runner.loglikelihood(pairs)):
+            by_depth.setdefault(f"{d['depth']:g}", []).append(greedy)
+    hits = [h for v in by_depth.values() for h in v]
+    card.update(passkey_acc=sum(hits) / len(hits), passkey_length=length, passkey_docs=len(hits),
+                passkey_by_depth={k: sum(v) / len(v) for k, v in sorted(by_depth.items())})
+    return card
+
+
+def publish(run: str | Path, name: str | None = None) -> dict:
+    """Copy a finished run's model into the package's zoo (bf16 weights) and measure its card there."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from simba_cli.errors import UserError
+    from simba_cli.models.zoo import ZOO_DIR
+    from simba_cli.outdir import atomic_directory, write_atomic
+
+    run = Path(run)
+    if not (run / "metrics.json").is_file():
+        raise UserError(f"{run} is not a finished training run (no metrics.json); finish it first")
+    name = name or run.name
+    target = ZOO_DIR / name
+    with atomic_directory(target) as tmp:
+        for f in (run / "model").iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy(f, tmp / f.name)
+        shutil.copy(run / "run.json", tmp / "run.json")
+        weights = load_file(str(run / "model" / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    card = measure(target)
+    metrics = json.loads((target / "metrics.json").read_text())
+    write_atomic(target / "metrics.json", json.dumps({**metrics, **card, "weights": "bfloat16"}, indent=2) + "\n")
+    return card
+
+
+def main():
+    for run in sys.argv[1:]:
+        card = publish(run)
+        print(f"{run}: " + ", ".join(f"{k} {v:.3g}" for k, v in card.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Long-range recall: training documents from training text only, evaluation tasks from evaluation text
+only, both deterministic; the recipe's mix, the curriculum and the answer weights."""
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from simba_cli.data import corpus
+from simba_cli.data.longrange import KEYS, VALUES, RecallMix, RecallSampler, answer_text, query_prefix
+from simba_cli.train import loop
+from simba_cli.train.recipe import recipe_from_dict
+
+
+@pytest.fixture(scope="module")
+def marked_corpus(tmp_path_factory):
+    """30 documents, each of one marker word repeated: which split a piece of text came from is visible."""
+    folder = tmp_path_factory.mktemp("marked")
+    for i in range(30):
+        word = f"mark{chr(97 + i // 26)}{chr(97 + i % 26)}"
+        (folder / f"d{i:02d}.txt").write_text((" ".join([word] * 12) + "\n") * 60)
+    splits = {s: {d.split()[0] for d in corpus.load_texts(str(folder), s)} for s in corpus.SPLITS}
+    return folder, splits
+
+
+def _marks(text: str) -> set[str]:
+    """The marker words in a text (whole ones: filler is cut at token boundaries, so its ends are partial)."""
+    return set(re.findall(r"\bmark[a-z]{2}\b", text))
+
+
+def _recipe(folder, **recall):
+    return recipe_from_dict({
+        "name": "recall", "model": {"d_model": 16, "n_layer": 2, "d_state": 4}, "tokenizer": {"vocab_size": 400},
+        "data": {"source": str(folder), "seq_len": 256, "val_tokens": 512,
+                 "recall": {"share": 1.0, "pairs": [4], **recall}},
+        "train": {"steps": 2, "batch_size": 4, "eval_every": 1000, "checkpoint_every": 1000}})
+
+
+def test_recall_training_documents_read_training_text_only(marked_corpus, tmp_path):
+    folder, splits = marked_corpus
+    run = loop.setup(_recipe(folder, curriculum_steps=10), tmp_path / "run", None, False, False, "cpu")
+    sampler = RecallSampler(run.tokenizer, run.train_stream, 257, run.recipe.data.recall)
+    seen = set()
+    for step in range(12):
+        tokens, mask = sampler.row(random.Random(step), sampler.reach_at(step))
+        assert tokens.shape == mask.shape == (257,) and mask.any()
+        seen |= _marks(run.tokenizer.decode(tokens.tolist()))
+    assert seen and seen <= splits["train"]
+    held_out = {w for docs in run.val_recall.values() for t, _ in docs for w in _marks(run.tokenizer.decode(t.tolist()))}
+    assert held_out and held_out <= splits["validation"]  # the recall measured during training: validation text
+
+
+def test_recall_documents_are_what_they_say(marked_corpus, tmp_path):
+    """Every query's answer is the value its fact stated earlier, and the mask marks exactly the answers."""
+    folder, _ = marked_corpus
+    run = loop.setup(_recipe(folder), tmp_path / "run", None, False, False, "cpu")
+    sampler = RecallSampler(run.tokenizer, run.train_stream, 300, RecallMix(passkey=0, mqar=1, pairs=(4,)))
+    tokens, mask = sampler.document(random.Random(7))
+    text = run.tokenizer.decode(tokens.tolist())
+    facts = dict(line[len("Remember: the "):-1].split(" is ") for line in text.splitlines()
+                 if line.startswith("Remember: the "))
+    queries = [line[len("Recall: the "):-1].split(" is ") for line in text.splitlines() if line.startswith("Recall:")]
+    assert len(facts) == 4 and len(queries) == 4 and all(facts[k] == v for k, v in queries)
+    assert all(k in KEYS and v in VALUES for k, v in queries)
+    assert run.tokenizer.decode(tokens[mask].tolist()).split() == [v for _, v in queries]
+
+
+def test_curriculum_packs_short_documents_first(marked_corpus, tmp_path):
+    folder, _ = marked_corpus
+    run = loop.setup(_recipe(folder, curriculum_steps=100, shortest=128), tmp_path / "run", None, False, False, "cpu")
+    sampler = RecallSampler(run.tokenizer, run.train_stream, 257, run.recipe.data.recall)
+    early, late = (run.tokenizer.decode(sampler.row(random.Random(1), sampler.reach_at(s))[0].tolist())
+                   for s in (0, 100))
+    assert early.count("Recall:") > late.count("Recall:") >= 1
+
+
+def test_answer_tokens_weigh_more_in_the_loss(marked_corpus, tmp_path):
+    folder, _ = marked_corpus
+    recipe = _recipe(folder, answer_weight=5.0)
+    run = loop.setup(recipe, tmp_path / "run", None, False, False, "cpu")
+    from simba_cli.data.tokens import BatchSampler
+
+    sampler = BatchSampler(run.train_stream, 256, 4, 0, RecallSampler(run.tokenizer, run.train_stream, 257,
+                                                                       recipe.data.recall))
+    batch, weights = sampler.next()
+    assert set(weights.unique().tolist()) == {1.0, 5.0}
+    ce = torch.nn.functional.cross_entropy(run.model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(),
+                                           reduction="none")
+    want = (ce * weights.flatten()).sum() / weights.sum()
+    torch.testing.assert_close(run.loss_fn(run.model, batch, weights)[0], want)
+
+
+def test_long_range_tasks_are_deterministic_and_read_evaluation_plays_only(tmp_path, monkeypatch):
+    from simba_cli.eval import tasks
+
+    asked = []
+    real = corpus.load_texts
+
+    def recording(source, split="train", *a, **k):
+        asked.append(split)
+        return real(source, split, *a, **k)
+
+    monkeypatch.setattr(corpus, "load_texts", recording)
+    a = tasks.build_tasks(n=40, root=tmp_path / "a")
+    b = tasks.build_tasks(n=40, root=tmp_path / "b")
+    assert set(asked) == {"evaluation"}
+    for name in tasks.ALL_TASKS:
+        assert (a / f"{name}.jsonl").read_text() == (b / f"{name}.jsonl").read_text(), name
+    docs = [json.loads(x) for x in (a / "simba_passkey.jsonl").read_text().splitlines()]
+    cells = {(d["length"], d["depth"]) for d in docs[:20]}  # the first 20 documents cover every setting
+    assert cells == {(n, d) for n in tasks.PASSKEY_LENGTHS for d in tasks.PASSKEY_DEPTHS}
+    for d in docs:
+        assert d["context"].endswith(query_prefix("pass key")) and d["choices"][d["label"]] == d["answer"]
+        assert f"the pass key is {d['answer']}." in d["context"] and 0 < d["recent_drops_fact_below"] <= 1.1
+        assert abs(d["tokens"] - d["length"]) <= 0.15 * d["length"]
+    deep = [d for d in docs if d["depth"] == 0.0]
+    assert all(d["recent_drops_fact_below"] > 0.8 for d in deep)  # a key at the start: only near-dense reaches it
+    mqar = [json.loads(x) for x in (a / "simba_mqar.jsonl").read_text().splitlines()]
+    for d in mqar:
+        assert f"Remember: the {d['context'].rsplit('the ', 1)[1][:-3]} is {d['answer']}." in d["context"]
+        assert d["context"].endswith(query_prefix(d["context"].rsplit("the ", 1)[1][:-3]))
+    assert answer_text("noble") == " noble."
