@@ -48,7 +48,8 @@ def test_recall_training_documents_read_training_text_only(marked_corpus, tmp_pa
         assert tokens.shape == mask.shape == (257,) and mask.any()
         seen |= _marks(run.tokenizer.decode(tokens.tolist()))
     assert seen and seen <= splits["train"]
-    held_out = {w for docs in run.val_recall.values() for t, _ in docs for w in _marks(run.tokenizer.decode(t.tolist()))}
+    held_out = {w for docs in run.val_recall.values() for t, _ in docs
+                for w in _marks(run.tokenizer.decode(t.tolist()))}
     assert held_out and held_out <= splits["validation"]  # the recall measured during training: validation text
 
 
