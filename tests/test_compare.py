@@ -104,7 +104,18 @@ ppl_windows: 2
     assert (str(small), "dense") in settings and (str(big), "simba 0.5") in settings
     assert (str(big), "recent 0.5") in settings
     assert all(row["flops_per_doc"] > 0 for row in summary["rows"])
-    assert {p["vs"] for p in summary["paired"]} >= {"recent", "dense"}
+    assert {p["vs"] for p in summary["paired"]} >= {"recent", "dense", "truncate"}
+    # truncate stands beside Simba at the same body cost: the last 55% of the input (linear to 0.5 over 4
+    # layers keeps 1, 0.83, 0.67, 0.5 of it: mean 0.75 for the big model)
+    row = {(r["model"], r["setting"], r["task"]): r for r in summary["rows"]}
+    simba, cut = row[(str(big), "simba 0.5", "simba_choice")], row[(str(big), "truncate 0.75", "simba_choice")]
+    assert cut["mean_keep"] == pytest.approx(simba["mean_keep"], abs=0.03)
+    assert cut["flops_per_doc"] == pytest.approx(simba["flops_per_doc"], rel=0.1)
+    # every criterion of the run is drawn
+    from simba_cli.report.plots import plot_flops_accuracy
+
+    drawn = plot_flops_accuracy(summary["rows"], tmp_path / "again.png")
+    assert set(drawn["criteria"]) == {r["criterion"] for r in summary["rows"]} - {"-"} == {"simba", "recent", "truncate"}
     assert [p["vs"] for p in summary["pooled"]] == list(dict.fromkeys(p["vs"] for p in summary["paired"]))
     # perplexity, paired over windows: the windows' mean NLLs average to the row's NLL, and the paired
     # difference is the mean of the per-window differences

@@ -31,13 +31,13 @@ import yaml
 
 from simba_cli.errors import Interrupted, UserError
 from simba_cli.eval.stats import pair_row, paired, pooled_z
-from simba_cli.eval.tasks import TASKS
 from simba_cli.simba.settings import DENSE, PruneConfig
 
 # The metric each task is read by (higher is better unless listed in LOWER_IS_BETTER). The cloze task is
 # read by the mean log-likelihood per target token (lm-eval's per-word perplexity of a tiny model is a number
 # near 1e9 that says little): derived from its samples.
 MAIN_METRIC = {"simba_cloze": "loglik_per_token", "simba_choice": "acc_norm", "simba_recall": "acc",
+               "simba_recall_long": "acc", "simba_passkey": "acc", "simba_passkey_exact": "acc", "simba_mqar": "acc",
                "lambada_openai": "acc", "hellaswag": "acc_norm", "piqa": "acc", "arc_easy": "acc",
                "arc_challenge": "acc_norm", "winogrande": "acc", "wikitext": "word_perplexity"}
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -48,17 +48,17 @@ class CompareSpec:
     """A comparison: the YAML recipe (recipes/compare.yaml) is its single source of truth."""
 
     models: list[str] = field(default_factory=list)  # empty: every zoo model, smallest first
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    limit: int | None = 50
+    tasks: list[str] = field(default_factory=lambda: ["simba_passkey_exact", "simba_mqar", "simba_choice"])
+    limit: int | None = 24
     schedule: str = "linear"
-    final_keeps: list[float] = field(default_factory=lambda: [0.3, 0.1])
+    final_keeps: list[float] = field(default_factory=lambda: [0.1])
     criteria: list[str] = field(default_factory=lambda: ["simba", "recent", "random"])
     truncate: bool = True  # beside each pruned point, the dense model reading only the last tokens, same FLOPs
     match_flops: bool = True  # also prune each model to the next smaller model's FLOPs, where reachable
-    match_seq_len: int = 512
-    ppl_contexts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    match_seq_len: int = 1024
+    ppl_contexts: list[int] = field(default_factory=lambda: [128, 512, 1024])
     ppl_score_last: int = 32
-    ppl_windows: int = 16
+    ppl_windows: int = 8
     ppl_final_keep: float = 0.1
     ppl_criteria: list[str] = field(default_factory=lambda: ["simba", "recent"])
     batch_size: int = 16

@@ -42,4 +42,4 @@ def info(name: str) -> dict:
         return {}
     m = _metrics(d)
     card = {"params": m.get("parameters"), "train_seq_len": m.get("val_seq_len"), **m}
-    return {"name": name, **{k: card.get(k) for k in CARD}}
+    return {"name": name, **{k: card.get(k) for k in CARD}, **m}

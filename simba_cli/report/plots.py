@@ -481,6 +481,6 @@ def plot_passkey_heatmaps(rows: list[dict], out_path: Path, title: str = "") -> 
             if i == len(tasks) - 1:
                 ax.set_xlabel("context (tokens)", fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    fig.suptitle(title or "pass-key accuracy by depth and context length", fontsize=10)
+    fig.suptitle(title or "pass-key accuracy by depth and context length", fontsize=10, y=1.0 + 0.1 / len(tasks))
     _save(fig, out_path)
     return {"path": str(out_path), "tasks": tasks, "settings": settings, "lengths": lengths, "depths": depths}

@@ -244,10 +244,14 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     if recipe.data.recall is not None:
         from simba_cli.data.longrange import RecallSampler
 
+        # held-out recall on validation text: whole rows, and short documents (where retrieval appears first)
         val_stream = tokenize_documents(tokenizer, val_docs)
-        held_out = RecallSampler(tokenizer, val_stream, recipe.data.seq_len + 1, recipe.data.recall)
-        val_recall = {"passkey": held_out.fixed("passkey", 32, seed=1),
-                      "mqar": held_out.fixed("mqar", 32, seed=2, pairs=max(recipe.data.recall.pairs))}
+        mix, k = recipe.data.recall, max(recipe.data.recall.pairs)
+        whole = RecallSampler(tokenizer, val_stream, recipe.data.seq_len + 1, mix)
+        short = RecallSampler(tokenizer, val_stream, min(recipe.data.seq_len + 1, 4 * mix.shortest), mix)
+        val_recall = {"passkey": whole.fixed("passkey", 32, seed=1), "mqar": whole.fixed("mqar", 32, seed=2, pairs=k),
+                      "passkey_short": short.fixed("passkey", 32, seed=3),
+                      "mqar_short": short.fixed("mqar", 32, seed=4, pairs=min(k, 4))}
     resuming = resumable and (out / ckpt.CHECKPOINT).is_file()
     if resuming and load_recipe(out / "recipe.yaml").to_dict() != recipe.to_dict():
         raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
