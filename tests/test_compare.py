@@ -115,7 +115,8 @@ ppl_windows: 2
     from simba_cli.report.plots import plot_flops_accuracy
 
     drawn = plot_flops_accuracy(summary["rows"], tmp_path / "again.png")
-    assert set(drawn["criteria"]) == {r["criterion"] for r in summary["rows"]} - {"-"} == {"simba", "recent", "truncate"}
+    criteria = {r["criterion"] for r in summary["rows"]} - {"-"}
+    assert set(drawn["criteria"]) == criteria == {"simba", "recent", "truncate"}
     assert [p["vs"] for p in summary["pooled"]] == list(dict.fromkeys(p["vs"] for p in summary["paired"]))
     # perplexity, paired over windows: the windows' mean NLLs average to the row's NLL, and the paired
     # difference is the mean of the per-window differences
