@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint compare criteria zoo bench-core bench-simba bench-eval bench finetune-experiment clean
+.PHONY: setup test lint compare compare-plays compare-full criteria zoo bench-core bench-simba bench-eval bench finetune-experiment clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,14 @@ lint: $(STAMP)
 # The main job: dense vs Simba-pruned zoo models at matched FLOPs on the offline tasks.
 compare: $(STAMP)
 	$(SIMBA) compare --out runs/compare --overwrite
+
+# The plays' tasks only (the README's results on the plays); resumable.
+compare-plays: $(STAMP)
+	$(SIMBA) compare --recipe recipes/compare-plays.yaml --out runs/compare-plays --resume
+
+# The whole protocol: every task, keep ratio and baseline on the ladder; resumable.
+compare-full: $(STAMP)
+	$(SIMBA) compare --recipe recipes/compare-full.yaml --out runs/compare-full --resume
 
 # Every criterion side by side on the zoo (the evidence for the default criterion); resumable.
 criteria: $(STAMP)

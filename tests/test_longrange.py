@@ -123,3 +123,30 @@ def test_long_range_tasks_are_deterministic_and_read_evaluation_plays_only(tmp_p
         assert f"Remember: the {d['context'].rsplit('the ', 1)[1][:-3]} is {d['answer']}." in d["context"]
         assert d["context"].endswith(query_prefix(d["context"].rsplit("the ", 1)[1][:-3]))
     assert answer_text("noble") == " noble."
+
+
+def test_the_ladder_recipes_step_at_most_1_5x_and_each_rung_reaches_the_one_below(tmp_path):
+    """`make zoo`'s rungs: at least five, FLOPs per token at most 1.5x apart, and `flops-match` finds a
+    linear schedule at which each pruned rung costs what the rung below costs dense (1024 tokens)."""
+    from typer.testing import CliRunner
+
+    from simba_cli.cli import app
+    from simba_cli.models.checkpoint import save_checkpoint
+    from simba_cli.models.config import MambaConfig
+    from simba_cli.models.mamba import MambaLM
+    from simba_cli.simba.flops import dense_flops_per_token
+    from simba_cli.train.recipe import load_recipe
+    from tests.test_defects import ROOT
+
+    names = ROOT.joinpath("Makefile").read_text().split("ZOO := ")[1].splitlines()[0].split()
+    rungs = []
+    for name in names:
+        m = load_recipe(ROOT / "recipes" / f"{name}.yaml").model
+        cfg = MambaConfig(d_model=m.d_model, n_layer=m.n_layer, vocab_size=2048, d_state=m.d_state, expand=m.expand,
+                          d_conv=m.d_conv)
+        rungs.append((save_checkpoint(MambaLM(cfg), tmp_path / name), dense_flops_per_token(cfg)))
+    assert len(rungs) >= 5
+    for (small, f_small), (big, f_big) in zip(rungs, rungs[1:]):
+        assert 1.0 < f_big / f_small <= 1.5
+        r = CliRunner().invoke(app, ["flops-match", str(big), "--target", str(small), "--seq-len", "1024"])
+        assert r.exit_code == 0 and r.output.startswith("final_keep = "), r.output
