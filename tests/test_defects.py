@@ -357,3 +357,10 @@ def test_the_layers_import_downwards_only():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 bad = [n for n in names if n.startswith(forbidden)]
                 assert not bad, f"{path.name} imports {bad}"
+
+
+def test_generate_rejects_bad_sampling_options_in_one_line(model_dir):
+    for args, words in ((["--top-p", "0"], "top_p"), (["--top-p", "1.5"], "top_p"),
+                        (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature")):
+        r = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "To be", *args])
+        _one_line_error(r, words)
