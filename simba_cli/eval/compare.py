@@ -176,14 +176,10 @@ def setup(spec: CompareSpec) -> Plan:
     settings = {name: settings_for(spec, name, models[i - 1] if i else None) for i, name in enumerate(models)}
     tasks = task_dict(spec.tasks) if spec.tasks else None
     leaves = list(tasks["tasks"]) if tasks else []
-    ppl = {}
-    for name in models:
-        configs = [PruneConfig(spec.schedule, spec.ppl_final_keep, criterion=c, seed=spec.seed)
-                   for c in spec.ppl_criteria]
-        truncate = [s for s in settings_for(dataclasses.replace(spec, final_keeps=[spec.ppl_final_keep],
-                                                                criteria=spec.ppl_criteria, match_flops=False),
-                                            name, None) if s.config.schedule == "truncate"]
-        ppl[name] = [Setting(DENSE)] + [Setting(c) for c in configs] + truncate
+    # perplexity: dense, each perplexity criterion at ppl_final_keep, and truncate beside the first
+    ppl_spec = dataclasses.replace(spec, final_keeps=[spec.ppl_final_keep], criteria=spec.ppl_criteria,
+                                   match_flops=False)
+    ppl = {name: settings_for(ppl_spec, name, None) for name in models}
     return Plan(spec, models, settings, tasks, leaves, ppl)
 
 
