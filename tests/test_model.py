@@ -181,3 +181,40 @@ def test_a_sharded_index_naming_a_missing_shard(tmp_path, tiny_model):
     (d / "model.safetensors.index.json").write_text("{")
     with pytest.raises(UserError, match="is not a valid weight index"):
         load_checkpoint(d)
+
+
+def test_falcon_mamba_equals_transformers(tmp_path):
+    """Falcon-Mamba is Mamba-1 with weightless RMS norms on dt, B and C: logits, decoding, saving again,
+    and a pruned forward keeping every token, against transformers' FalconMambaForCausalLM."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from simba_cli.simba.pruned import pruned_forward
+
+    torch.manual_seed(0)
+    cfg = FalconMambaConfig(hidden_size=32, num_hidden_layers=3, vocab_size=64, state_size=8, mixer_rms_eps=1e-6)
+    oracle = FalconMambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "norm" in name or name.endswith(".D") or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    oracle.save_pretrained(tmp_path / "falcon")
+    ours = load_checkpoint(tmp_path / "falcon").eval()
+    assert ours.cfg.bcdt_rms and ours.cfg.mixer_rms_eps == 1e-6
+    assert_same_logits(ours, oracle)
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = ours(ids)
+        logits, state = prefill(ours, ids[:, :9])
+        steps = [step(ours, ids[:, t], state) for t in range(9, 17)]
+        torch.testing.assert_close(torch.stack(steps, 1)[:, :-1], full[:, 9:-1], rtol=1e-4, atol=1e-4)
+        kept_all = pruned_forward(ours, ids, PruneConfig(final_keep=1.0))
+        torch.testing.assert_close(kept_all.logits, full)
+        # the criterion reads the scan's own inputs: the normalised B and C (unit RMS over the state)
+        scan = ours.layers[0].mixer.mix(ours.embed(ids), keep_scan_inputs=True).scan
+        for x in (scan.B, scan.C):
+            torch.testing.assert_close(x.pow(2).mean(-1), torch.ones(2, 17), rtol=0, atol=1e-2)  # eps aside
+    again = save_checkpoint(ours, tmp_path / "again", fmt="hf")
+    assert json.loads((again / "config.json").read_text())["model_type"] == "falcon_mamba"
+    assert_same_logits(load_checkpoint(again).eval(), oracle)
+    with pytest.raises(UserError, match="no Falcon-Mamba variant"):
+        save_checkpoint(ours, tmp_path / "ssm", fmt="mamba_ssm")

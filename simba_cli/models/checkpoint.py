@@ -34,7 +34,7 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download or re-save it") from e
     try:
-        if raw.get("model_type") == "mamba" or "hidden_size" in raw:
+        if raw.get("model_type") in ("mamba", "falcon_mamba") or "hidden_size" in raw:
             return MambaConfig.from_hf(raw), "hf"
         if "d_model" in raw:
             return MambaConfig.from_mamba_ssm(raw), "mamba_ssm"

@@ -1,6 +1,7 @@
 """The Mamba-1 architecture config, and its two on-disk spellings (mamba-ssm and Hugging Face).
 
 Glossary (code name -> paper symbol):
+    bcdt_rms           Falcon-Mamba: weightless RMS norms on dt_low, B and C before the scan
     d_model   d        width of the residual stream
     n_layer   n        number of blocks
     d_inner   D        channels of the SSM: expand * d unless a config says otherwise (HF's intermediate_size)
@@ -34,6 +35,8 @@ class MambaConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
+    bcdt_rms: bool = False  # Falcon-Mamba (FalconMambaForCausalLM)
+    mixer_rms_eps: float = 1e-6
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "d_inner", "d_conv", "dt_rank"):
@@ -77,6 +80,9 @@ class MambaConfig:
         )
 
     def to_mamba_ssm(self) -> dict:
+        if self.bcdt_rms:
+            raise UserError("mamba-ssm's config.json has no Falcon-Mamba variant (norms on dt, B, C); save this "
+                            "model in hf format")
         if self.d_inner != self.expand * self.d_model:
             raise UserError(f"mamba-ssm's config.json cannot hold d_inner {self.d_inner} (it is always expand × "
                             f"d_model = {self.expand * self.d_model}); save this model in hf format")
@@ -120,14 +126,19 @@ class MambaConfig:
             norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
             residual_in_fp32=cfg.get("residual_in_fp32", True),
             tie_embeddings=cfg.get("tie_word_embeddings", True),
+            bcdt_rms=cfg.get("model_type") == "falcon_mamba",
+            mixer_rms_eps=cfg.get("mixer_rms_eps", 1e-6),
         )
 
     def to_hf(self) -> dict:
         if not self.rms_norm:
             raise UserError("MambaForCausalLM has no LayerNorm variant; save this model in mamba-ssm format")
+        falcon = {"architectures": ["FalconMambaForCausalLM"], "model_type": "falcon_mamba",
+                  "mixer_rms_eps": self.mixer_rms_eps} if self.bcdt_rms else {}
         return {
             "architectures": ["MambaForCausalLM"],
             "model_type": "mamba",
+            **falcon,
             "hidden_size": self.d_model,
             "num_hidden_layers": self.n_layer,
             "vocab_size": self.vocab_size,

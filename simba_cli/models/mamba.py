@@ -88,11 +88,20 @@ class MambaMixer(nn.Module):
     def forward(self, hidden, lengths=None):
         return self.mix(hidden, lengths).out
 
+    def project(self, u):
+        """dt_low (R), B (N), C (N) from the scan input; Falcon-Mamba normalises each (RMS, no weight)."""
+        cfg = self.cfg
+        parts = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        if not cfg.bcdt_rms:
+            return parts
+        return tuple((p.float() * torch.rsqrt(p.float().pow(2).mean(-1, keepdim=True) + cfg.mixer_rms_eps)).type_as(p)
+                     for p in parts)
+
     def mix(self, hidden, lengths=None, *, keep_scan_inputs: bool = False, final_state: bool = False) -> MixerOutput:
         cfg = self.cfg
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         u = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
-        dt_low, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        dt_low, B, C = self.project(u)
         delta = F.linear(dt_low, self.dt_proj.weight)
         A = self.A()
         if keep_scan_inputs:
@@ -115,7 +124,6 @@ class MambaMixer(nn.Module):
 
     def step(self, hidden, conv_state, ssm_state):
         """One token: hidden (b, d); conv_state (b, D, d_conv) and ssm_state (b, D, N) updated in place."""
-        cfg = self.cfg
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
@@ -123,7 +131,7 @@ class MambaMixer(nn.Module):
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
         u = F.silu(xc)
-        dt_low, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        dt_low, B, C = self.project(u)
         dt = F.softplus(self.dt_proj(dt_low)).float()
         dA = torch.exp(dt[..., None] * self.A())
         ssm_state.copy_(ssm_state * dA + (dt * u.float())[..., None] * B.float()[:, None, :])
