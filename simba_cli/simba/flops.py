@@ -8,6 +8,7 @@ Per token processed by a layer (d = d_model, D = d_inner, N = d_state, R = dt_ra
     dt_proj   2 R D
     scan      9 D N          mamba-ssm's convention
     out_proj  2 D d
+    (Falcon-Mamba: 3 (R + 2N) more for the RMS norms on dt_low, B and C: square, mean, scale)
 Elementwise activations (SiLU, softplus, the gate) are not counted, as in mamba-ssm.
 Per token scored by a criterion, at the layer whose scan quantities it reads:
     simba     4 D N + 4 D    exp(A S), times C_T B_t, sum over N; times dt u; max over D; the cumsum
@@ -29,7 +30,7 @@ from simba_cli.simba.settings import mean_keep
 
 def layer_flops_per_token(cfg: MambaConfig) -> dict[str, int]:
     d, di, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
-    return {
+    per_token = {
         "norm": 4 * d,
         "in_proj": 2 * d * 2 * di,
         "conv": 2 * di * k,
@@ -38,6 +39,9 @@ def layer_flops_per_token(cfg: MambaConfig) -> dict[str, int]:
         "scan": 9 * di * n,
         "out_proj": 2 * di * d,
     }
+    if cfg.bcdt_rms:  # Falcon-Mamba's weightless RMS norms on dt_low, B and C
+        per_token["bcdt_norm"] = 3 * (r + 2 * n)
+    return per_token
 
 
 def count_layer(cfg: MambaConfig, tokens: int) -> int:
