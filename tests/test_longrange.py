@@ -150,3 +150,31 @@ def test_the_ladder_recipes_step_at_most_1_5x_and_each_rung_reaches_the_one_belo
         assert 1.0 < f_big / f_small <= 1.5
         r = CliRunner().invoke(app, ["flops-match", str(big), "--target", str(small), "--seq-len", "1024"])
         assert r.exit_code == 0 and r.output.startswith("final_keep = "), r.output
+
+
+def test_recall_accuracy_counts_whole_answers(marked_corpus, tmp_path):
+    """An oracle that always predicts the next token scores 1; one that misses one digit of each pass key
+    scores 0 per answer but most of its tokens."""
+    from simba_cli.data.longrange import recall_accuracy
+
+    folder, _ = marked_corpus
+    run = loop.setup(_recipe(folder), tmp_path / "run", None, False, False, "cpu")
+    sampler = RecallSampler(run.tokenizer, run.train_stream, 300, RecallMix())
+    docs = sampler.fixed("passkey", 4, seed=0) + sampler.fixed("mqar", 4, seed=1, pairs=4)
+    vocab = len(run.tokenizer)
+
+    def oracle(inputs, spoil_last_digit=False):
+        full = {tuple(d[0][:-1].tolist()): d for d in docs}
+        out = []
+        for row in inputs:
+            tokens, mask = full[tuple(row.tolist())]
+            target = tokens[1:].clone()
+            if spoil_last_digit:  # the last token of each answer run
+                ends = mask[1:] & ~torch.cat([mask[2:], torch.tensor([False])])
+                target[ends] = (target[ends] + 1) % vocab
+            out.append(torch.nn.functional.one_hot(target, vocab).float())
+        return torch.stack(out)
+
+    assert recall_accuracy(oracle, docs) == {"recall_token_acc": 1.0, "recall_acc": 1.0}
+    spoiled = recall_accuracy(lambda x: oracle(x, True), docs)
+    assert spoiled["recall_acc"] == 0.0 and 0.4 < spoiled["recall_token_acc"] < 1.0
