@@ -93,19 +93,18 @@ def test_save_refuses_to_overwrite(tmp_path, tiny_model):
         save_checkpoint(tiny_model, tmp_path / "m")
 
 
-def hf_oracle(tmp_path, **kw):
-    """A transformers MambaForCausalLM with random weights, saved in its own format."""
-    from transformers import MambaConfig as HFMambaConfig
-
+def hf_oracle(tmp_path, model_class=MambaForCausalLM, name="oracle", **kw):
+    """A transformers Mamba-family model with random weights (norms, D and biases too), saved in its format."""
     torch.manual_seed(0)
-    cfg = HFMambaConfig(**{"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4, **kw})
-    oracle = MambaForCausalLM(cfg).eval()
+    cfg = model_class.config_class(**{"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4,
+                                      **kw})
+    oracle = model_class(cfg).eval()
     with torch.no_grad():
-        for name, p in oracle.named_parameters():
-            if "norm" in name or name.endswith(".D") or "bias" in name:
+        for param_name, p in oracle.named_parameters():
+            if "norm" in param_name or param_name.endswith(".D") or "bias" in param_name:
                 p.add_(0.1 * torch.randn_like(p))
-    oracle.save_pretrained(tmp_path / "oracle")
-    return oracle, tmp_path / "oracle"
+    oracle.save_pretrained(tmp_path / name)
+    return oracle, tmp_path / name
 
 
 def assert_same_logits(ours, oracle, vocab=64):
@@ -186,19 +185,13 @@ def test_a_sharded_index_naming_a_missing_shard(tmp_path, tiny_model):
 def test_falcon_mamba_equals_transformers(tmp_path):
     """Falcon-Mamba is Mamba-1 with weightless RMS norms on dt, B and C: logits, decoding, saving again,
     and a pruned forward keeping every token, against transformers' FalconMambaForCausalLM."""
-    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+    from transformers import FalconMambaForCausalLM
 
     from simba_cli.simba.pruned import pruned_forward
 
-    torch.manual_seed(0)
-    cfg = FalconMambaConfig(hidden_size=32, num_hidden_layers=3, vocab_size=64, state_size=8, mixer_rms_eps=1e-6)
-    oracle = FalconMambaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in oracle.named_parameters():
-            if "norm" in name or name.endswith(".D") or "bias" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    oracle.save_pretrained(tmp_path / "falcon")
-    ours = load_checkpoint(tmp_path / "falcon").eval()
+    oracle, directory = hf_oracle(tmp_path, FalconMambaForCausalLM, "falcon", hidden_size=32, num_hidden_layers=3,
+                                  state_size=8, mixer_rms_eps=1e-6)
+    ours = load_checkpoint(directory).eval()
     assert ours.cfg.bcdt_rms and ours.cfg.mixer_rms_eps == 1e-6
     assert_same_logits(ours, oracle)
     ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(2))
