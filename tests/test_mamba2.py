@@ -1,12 +1,16 @@
-"""The Mamba-2 model: the chunked SSD scan against its recurrence."""
+"""The Mamba-2 model: the chunked SSD scan against its recurrence, the model against transformers' Mamba2ForCausalLM."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
+from transformers import Mamba2Config as HFMamba2Config
+from transformers import Mamba2ForCausalLM
 
 from simba_cli.errors import UserError
 from simba_cli.models.mamba2 import Mamba2Config, ssd_scan_chunked, ssd_scan_ref
+from simba_cli.models.mamba2_checkpoint import load_mamba2, save_mamba2
 
 
 def scan_inputs(b=2, l=21, heads=4, head_dim=3, groups=2, n=5, seed=0):
@@ -37,6 +41,97 @@ def test_chunked_scan_stays_finite_under_strong_decay():
     y = ssd_scan_chunked(x.float(), dt.float(), A.float(), B.float(), C.float(), D.float(), chunk_size=16)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), ssd_scan_ref(x, dt, A, B, C, D), rtol=1e-4, atol=1e-4)
+
+
+def hf_mamba2_oracle(tmp_path, n_groups=1, chunk_size=8, tie=False, name="oracle"):
+    """A random tiny transformers Mamba2ForCausalLM, its norms, D, biases and A_log perturbed, saved in its format."""
+    # Without mamba-ssm and causal-conv1d, transformers runs its pure-PyTorch path: the oracle.
+    assert importlib.util.find_spec("mamba_ssm") is None and importlib.util.find_spec("causal_conv1d") is None
+    torch.manual_seed(n_groups)
+    cfg = HFMamba2Config(hidden_size=32, num_heads=4, head_dim=16, state_size=8, n_groups=n_groups,
+                         num_hidden_layers=2, vocab_size=64, chunk_size=chunk_size, use_bias=True,
+                         tie_word_embeddings=tie)
+    oracle = Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for param_name, p in oracle.named_parameters():
+            if "norm" in param_name or param_name.endswith((".D", "A_log")) or "bias" in param_name:
+                p.add_(0.2 * torch.randn_like(p))
+    oracle.save_pretrained(tmp_path / name)
+    return oracle, tmp_path / name
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out if torch.is_tensor(out) else out.logits
+
+
+IDS = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_logits_equal_transformers(tmp_path, n_groups):
+    oracle, directory = hf_mamba2_oracle(tmp_path, n_groups=n_groups)
+    ours = load_mamba2(directory).eval()
+    assert (ours.cfg.n_heads, ours.cfg.n_groups, ours.cfg.chunk_size) == (4, n_groups, 8)
+    want = logits(oracle, IDS)
+    torch.testing.assert_close(logits(ours, IDS), want, rtol=1e-4, atol=1e-4)
+    # The chunk size changes the computation, not the result: 19 tokens in chunks of 5 and of 32.
+    for chunk in (5, 32):
+        config = json.loads((directory / "config.json").read_text())
+        config["chunk_size"] = chunk
+        (directory / "config.json").write_text(json.dumps(config))
+        other = load_mamba2(directory).eval()
+        assert other.cfg.chunk_size == chunk
+        torch.testing.assert_close(logits(other, IDS), want, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_does_not_change_real_tokens(tmp_path):
+    _, directory = hf_mamba2_oracle(tmp_path)
+    ours = load_mamba2(directory).eval()
+    batched = logits(ours, IDS)
+    alone = logits(ours, IDS[1:, :11])
+    torch.testing.assert_close(batched[1, :11], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_saved_model_loads_in_transformers(tmp_path, tie):
+    oracle, directory = hf_mamba2_oracle(tmp_path, n_groups=2, tie=tie)
+    ours = load_mamba2(directory).eval()
+    saved = save_mamba2(ours, tmp_path / "ours")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == "mamba2" and config["num_heads"] == 4 and config["tie_word_embeddings"] is tie
+    again = Mamba2ForCausalLM.from_pretrained(saved).eval()
+    torch.testing.assert_close(logits(again, IDS), logits(oracle, IDS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(load_mamba2(saved).eval(), IDS), logits(ours, IDS))
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        save_mamba2(ours, saved)
+
+
+def test_weights_that_do_not_fit_raise(tmp_path):
+    _, directory = hf_mamba2_oracle(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["state_size"] = 16
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"does not fit its config.json: shape mismatch .*in_proj.weight"):
+        load_mamba2(directory)
+    config.update(state_size=8, num_hidden_layers=3)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"missing keys backbone.layers.2"):
+        load_mamba2(directory)
+    config.update(num_hidden_layers=2, num_heads=3)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="num_heads 3 × head_dim 16 != expand × hidden_size 64"):
+        load_mamba2(directory)
+    config.update(num_heads=4, model_type="mamba")
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="model_type 'mamba', not 'mamba2'"):
+        load_mamba2(directory)
+    (directory / "model.safetensors").unlink()
+    config["model_type"] = "mamba2"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no weights in"):
+        load_mamba2(directory)
 
 
 def test_config_round_trip_and_bad_values():
