@@ -35,6 +35,13 @@ def test_chunked_scan_equals_recurrence(groups, chunk):
     torch.testing.assert_close(got_state, want_state, rtol=0, atol=1e-10)
 
 
+def test_scans_of_an_empty_sequence():
+    x, dt, A, B, C, D = scan_inputs(l=0)
+    for y, state in (ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True),
+                     ssd_scan_chunked(x, dt, A, B, C, D, chunk_size=4, return_final_state=True)):
+        assert y.shape == (2, 0, 4, 3) and state.shape == (2, 4, 3, 5) and not state.any()
+
+
 def test_chunked_scan_stays_finite_under_strong_decay():
     x, dt, A, B, C, D = scan_inputs(l=40, groups=1)
     dt = dt * 1e3  # exp(dt * A) underflows to 0 over a few tokens: no inf or nan may appear

@@ -240,7 +240,7 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     for c in range(chunk_states.shape[1]):
         entering.append(state)
         state = chunk_decay[:, c, ..., None, None] * state + chunk_states[:, c]
-    entering = torch.stack(entering, 1)  # (b, c, G, R, P, N)
+    entering = torch.stack(entering, 1) if entering else chunk_states  # (b, c, G, R, P, N)
 
     # 4. The entering state read out within the chunk, decayed to each t.
     w_out = _heads_by_group(torch.exp(decay_from_start), G)  # (b, c, G, R, Q)
