@@ -1,13 +1,20 @@
-"""Simba on Mamba-2 (SSD): the criterion against brute force, and its stability."""
+"""Simba on Mamba-2 (SSD): the criterion against brute force, its stability, and FLOPs by hand."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from simba_cli.errors import UserError
-from simba_cli.models.mamba2 import Mamba2Config, Mamba2Mixer, ssd_scan_ref
+from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM, Mamba2Mixer, ssd_scan_ref
 from simba_cli.ops.conv import causal_conv1d
 from simba_cli.simba.criteria_ssd import ssd_contributions, ssd_score
+from simba_cli.simba.flops_ssd import (
+    OFFICIAL_MAMBA2,
+    count_head_ssd,
+    criterion_flops_per_token_ssd,
+    dense_flops_per_token_ssd,
+    layer_flops_per_token_ssd,
+)
 
 
 def tiny_ssd_config(groups=2) -> Mamba2Config:
@@ -131,3 +138,69 @@ def test_empty_and_zero_length_sequences():
     assert torch.isneginf(scores[1]).all() and torch.isfinite(scores[0]).all()
     empty = ssd_score(s["x"][:, :0], s["dt"][:, :0], s["A"], s["B"][:, :0], s["C"][:, :0], torch.tensor([0, 0]))
     assert empty.shape == (2, 0)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------
+
+def test_flops_of_a_tiny_config_by_hand():
+    # d = 8, D = 16, H = 4, P = 4, G = 2, N = 5, k = 4, V = 16, 2 layers
+    cfg = tiny_ssd_config(groups=2)
+    assert layer_flops_per_token_ssd(cfg) == {
+        "norm": 4 * 8,  # 32
+        "in_proj": 2 * 8 * (2 * 16 + 2 * 2 * 5 + 4),  # 16 * 56 = 896
+        "conv": 2 * (16 + 2 * 2 * 5) * 4,  # 2 * 36 * 4 = 288
+        "scan": 5 * 4 * 4 * 5 + 3 * 4 * 4 + 4,  # 400 + 48 + 4 = 452
+        "gated_norm": 4 * 16,  # 64
+        "out_proj": 2 * 16 * 8,  # 256
+    }
+    # layer: 32 + 896 + 288 + 452 + 64 + 256 = 1988; head: 4 * 8 + 2 * 8 * 16 = 288
+    assert count_head_ssd(cfg, 3) == 3 * 288
+    assert dense_flops_per_token_ssd(cfg) == 2 * 1988 + 288 == 4264
+    # criterion: 2 G N + 4 H + 2 D = 20 + 16 + 32
+    assert criterion_flops_per_token_ssd(cfg, "simba") == criterion_flops_per_token_ssd(cfg, "simba-gated") == 68
+    assert criterion_flops_per_token_ssd(cfg, "dt-norm") == 8
+    assert criterion_flops_per_token_ssd(cfg, "output-norm") == 16
+    assert criterion_flops_per_token_ssd(cfg, "recent") == 0
+
+
+def test_scan_flops_count_the_recurrence_loop():
+    """One step of the loop, operation by operation, per head h and channel p (state row of N entries)."""
+    cfg = tiny_ssd_config()
+    H, P, N = cfg.n_heads, cfg.head_dim, cfg.d_state
+    flops = 0
+    for _h in range(H):
+        flops += 1  # dt * A_h
+        for _p in range(P):
+            flops += 1  # u = dt * x
+            flops += N  # decay * state
+            flops += 2 * N  # + u * B
+            flops += 2 * N  # y = state . C
+            flops += 2  # + D_h * x
+    assert layer_flops_per_token_ssd(cfg)["scan"] == flops
+
+
+def test_dense_flops_of_mamba2_130m_by_hand():
+    cfg = OFFICIAL_MAMBA2["mamba2-130m"]
+    # d = 768, D = 1536, H = 24, P = 64, G = 1, N = 128, k = 4, V = 50288, 24 layers
+    norm = 4 * 768  # 3,072
+    in_proj = 2 * 768 * (3072 + 256 + 24)  # 1536 * 3352 = 5,148,672
+    conv = 2 * (1536 + 256) * 4  # 14,336
+    scan = 5 * 24 * 64 * 128 + 3 * 1536 + 24  # 983,040 + 4,608 + 24 = 987,672
+    gated_norm = 4 * 1536  # 6,144
+    out_proj = 2 * 1536 * 768  # 2,359,296
+    layer = norm + in_proj + conv + scan + gated_norm + out_proj
+    assert layer == 8_519_192
+    head = 4 * 768 + 2 * 768 * 50288  # 3,072 + 77,242,368 = 77,245,440
+    assert dense_flops_per_token_ssd(cfg) == 24 * layer + head == 281_706_048
+
+
+@pytest.mark.parametrize("name,nominal", [("mamba2-130m", 130e6), ("mamba2-370m", 370e6), ("mamba2-780m", 780e6),
+                                          ("mamba2-1.3b", 1.3e9), ("mamba2-2.7b", 2.7e9)])
+def test_official_configs_have_their_nominal_size(name, nominal):
+    cfg = OFFICIAL_MAMBA2[name]
+    assert cfg.vocab_size == 50288 and cfg.vocab_size % 16 == 0 and cfg.tie_embeddings
+    assert (cfg.d_state, cfg.head_dim, cfg.expand, cfg.n_groups, cfg.chunk_size) == (128, 64, 2, 1, 256)
+    with torch.device("meta"):
+        model = Mamba2LM(cfg)
+    params = sum(p.numel() for p in model.parameters())  # tied: the embedding counts once
+    assert abs(params / nominal - 1) < 0.10, (name, params)
