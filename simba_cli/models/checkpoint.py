@@ -88,11 +88,17 @@ def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     """A MambaLM from a checkpoint directory in either format; a one-line UserError when it does not fit."""
     directory = Path(directory)
     cfg, _ = read_config(directory)
-    state = load_state_dict(directory)
     with torch.device("meta"):  # no memory and no random init: every tensor comes from the checkpoint
         model = MambaLM(cfg, init=False)
+    return fill(model, directory, dtype)
+
+
+def fill(model, directory: Path, dtype: torch.dtype):
+    """Load `directory`'s weights into `model` (built on the meta device, any family with `cfg.tie_embeddings`
+    and `tie_weights()`); a one-line UserError naming the keys or shapes that do not fit its config."""
+    state = load_state_dict(directory)
     expected = model.state_dict()
-    if cfg.tie_embeddings:
+    if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))

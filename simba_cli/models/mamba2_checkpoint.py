@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from simba_cli.errors import UserError
+from simba_cli.models.checkpoint import HF_EMBED, OUR_EMBED, fill
 from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM
 from simba_cli.outdir import atomic_directory
-
-HF_EMBED, OUR_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
 
 
 def read_mamba2_config(directory: Path) -> Mamba2Config:
@@ -35,70 +34,13 @@ def read_mamba2_config(directory: Path) -> Mamba2Config:
     return Mamba2Config.from_hf(raw)
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index} is not a valid weight index ({type(e).__name__}); re-download or re-save "
-                            f"the model") from e
-        absent = [s for s in shards if not (directory / s).is_file()]
-        if absent:
-            raise UserError(f"{index} names weight files that are missing: {_short(absent)}; re-download or "
-                            f"re-save the model")
-        return [directory / s for s in shards]
-    if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"]
-    raise UserError(f"no weights in {directory}: expected model.safetensors beside config.json; re-download or "
-                    f"re-save the model")
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise UserError(f"cannot read {path} (truncated or corrupt? {type(e).__name__}); re-download or re-save it") \
-            from e
-
-
-def _short(keys: list[str], n: int = 4) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def load_mamba2(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Mamba2LM:
     """A Mamba2LM from a `Mamba2ForCausalLM.save_pretrained` directory; a one-line UserError when it does not fit."""
     directory = Path(directory)
     cfg = read_mamba2_config(directory)
-    files = _weight_files(directory)
-    state = {}
-    for f in files:
-        state.update(_read_weights(f))
-    if HF_EMBED in state:
-        state[OUR_EMBED] = state.pop(HF_EMBED)
     with torch.device("meta"):  # no memory and no init: every tensor comes from the checkpoint
         model = Mamba2LM(cfg)
-    expected = model.state_dict()
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    where = f"{directory}/{', '.join(f.name for f in files)}"
-    if missing or unexpected:
-        raise UserError(f"{where} does not fit its config.json: missing keys {_short(missing)}, unexpected keys "
-                        f"{_short(unexpected)}")
-    bad = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-           if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise UserError(f"{where} does not fit its config.json: shape mismatch {_short(bad)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    model.tie_weights()
-    return model
+    return fill(model, directory, dtype)
 
 
 def save_mamba2(model: Mamba2LM, directory: str | os.PathLike, overwrite: bool = False) -> Path:
