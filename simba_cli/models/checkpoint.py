@@ -24,15 +24,24 @@ from simba_cli.outdir import atomic_directory
 HF_EMBED, OUR_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
 
 
-def read_config(directory: Path) -> tuple[MambaConfig, str]:
-    """The model config of a checkpoint directory, and its format: 'mamba_ssm' or 'hf'."""
-    path = directory / "config.json"
+def read_config_json(directory: Path) -> dict:
+    """A checkpoint directory's config.json as a dict; one-line errors when it is missing or not JSON."""
+    path = Path(directory) / "config.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: a Mamba checkpoint directory needs config.json and its weights")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download or re-save it") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object; re-download or re-save it")
+    return raw
+
+
+def read_config(directory: Path) -> tuple[MambaConfig, str]:
+    """The model config of a checkpoint directory, and its format: 'mamba_ssm' or 'hf'."""
+    path = directory / "config.json"
+    raw = read_config_json(directory)
     try:
         if raw.get("model_type") in ("mamba", "falcon_mamba") or "hidden_size" in raw:
             return MambaConfig.from_hf(raw), "hf"

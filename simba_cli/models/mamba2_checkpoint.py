@@ -15,21 +15,16 @@ from pathlib import Path
 import torch
 
 from simba_cli.errors import UserError
-from simba_cli.models.checkpoint import HF_EMBED, OUR_EMBED, fill
+from simba_cli.models.checkpoint import HF_EMBED, OUR_EMBED, fill, read_config_json
 from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM
 from simba_cli.outdir import atomic_directory
 
 
 def read_mamba2_config(directory: Path) -> Mamba2Config:
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: a Mamba-2 checkpoint directory needs config.json and model.safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-download or re-save it") from e
-    if not isinstance(raw, dict) or raw.get("model_type") != "mamba2":
-        found = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_config_json(directory)
+    if raw.get("model_type") != "mamba2":
+        found = raw.get("model_type")
         raise UserError(f"{path} has model_type {found!r}, not 'mamba2'; point to a Mamba2ForCausalLM checkpoint")
     return Mamba2Config.from_hf(raw)
 
