@@ -44,7 +44,7 @@ def test_recall_training_documents_read_training_text_only(marked_corpus, tmp_pa
     sampler = RecallSampler(run.tokenizer, run.train_stream, 257, run.recipe.data.recall)
     seen = set()
     for step in range(12):
-        tokens, mask = sampler.row(random.Random(step), sampler.reach_at(step))
+        tokens, mask = sampler.row(random.Random(step), run.recipe.data.recall.reach_at(step))
         assert tokens.shape == mask.shape == (257,) and mask.any()
         seen |= _marks(run.tokenizer.decode(tokens.tolist()))
     assert seen and seen <= splits["train"]
@@ -72,25 +72,45 @@ def test_curriculum_packs_short_documents_first(marked_corpus, tmp_path):
     folder, _ = marked_corpus
     run = loop.setup(_recipe(folder, curriculum_steps=100, shortest=128), tmp_path / "run", None, False, False, "cpu")
     sampler = RecallSampler(run.tokenizer, run.train_stream, 257, run.recipe.data.recall)
-    early, late = (run.tokenizer.decode(sampler.row(random.Random(1), sampler.reach_at(s))[0].tolist())
+    reach = run.recipe.data.recall.reach_at
+    early, late = (run.tokenizer.decode(sampler.row(random.Random(1), reach(s))[0].tolist())
                    for s in (0, 100))
     assert early.count("Recall:") > late.count("Recall:") >= 1
 
 
-def test_answer_tokens_weigh_more_in_the_loss(marked_corpus, tmp_path):
+def test_the_lead_trains_answers_alone_then_the_answers_mean_is_added(marked_corpus, tmp_path):
     folder, _ = marked_corpus
-    recipe = _recipe(folder, answer_weight=5.0)
+    recipe = _recipe(folder, share=0.0, lead_steps=2, answer_loss=3.0)
     run = loop.setup(recipe, tmp_path / "run", None, False, False, "cpu")
     from simba_cli.data.tokens import BatchSampler
 
-    sampler = BatchSampler(run.train_stream, 256, 4, 0, RecallSampler(run.tokenizer, run.train_stream, 257,
-                                                                       recipe.data.recall))
-    batch, weights = sampler.next()
-    assert set(weights.unique().tolist()) == {1.0, 5.0}
-    ce = torch.nn.functional.cross_entropy(run.model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten(),
-                                           reduction="none")
-    want = (ce * weights.flatten()).sum() / weights.sum()
-    torch.testing.assert_close(run.loss_fn(run.model, batch, weights)[0], want)
+    mix = recipe.data.recall
+    sampler = BatchSampler(run.train_stream, 256, 4, 0, RecallSampler(run.tokenizer, run.train_stream, 257, mix))
+    assert mix.leading(sampler.draws)
+    lead_batch, lead_answers = sampler.next()
+    # in the lead every row is packed with short recall documents, though share is 0
+    assert all(run.tokenizer.decode(row.tolist()).count("Recall:") >= 2 for row in lead_batch)
+    sampler.next()
+    assert not mix.leading(sampler.draws)
+    batch, answers = sampler.next()
+    assert not answers.any()  # share 0: after the lead, play windows only
+
+    def ce(b):
+        return torch.nn.functional.cross_entropy(run.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten(),
+                                                 reduction="none")
+
+    per_token, is_answer = ce(lead_batch), lead_answers.flatten()
+    torch.testing.assert_close(run.loss_fn(run.model, lead_batch, lead_answers, (0.0, 1.0))[0],
+                               per_token[is_answer].mean())
+    torch.testing.assert_close(run.loss_fn(run.model, lead_batch, lead_answers, (1.0, 3.0))[0],
+                               per_token[~is_answer].mean() + 3 * per_token[is_answer].mean())
+    torch.testing.assert_close(run.loss_fn(run.model, batch, answers, (1.0, 3.0))[0], ce(batch).mean())
+
+
+def test_the_curriculum_starts_after_the_lead():
+    mix = RecallMix(lead_steps=10, curriculum_steps=20)
+    assert [mix.reach_at(s) for s in (0, 9, 10, 20, 30, 99)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert RecallMix().reach_at(0) == 1.0  # no curriculum: whole rows from the start
 
 
 def test_long_range_tasks_are_deterministic_and_read_evaluation_plays_only(tmp_path, monkeypatch):

@@ -37,27 +37,29 @@ class BatchSampler:
         self.draws = 0
 
     def next(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This process's rows of the next global batch, (batch_size // world, seq_len + 1), and the loss
-        weight of each target (None without recall documents)."""
+        """This process's rows of the next global batch, (batch_size // world, seq_len + 1), and which
+        targets are recall answers, (batch_size // world, seq_len) bool (None without recall documents).
+        In the recall mix's lead steps every row is a recall row."""
         starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.batch_size,),
                                generator=self.generator)
         rows = [self.stream[s:s + self.seq_len + 1] for s in starts.tolist()]
-        weights = None
+        answers = None
         if self.recall is not None:
             import random
 
             mix = self.recall.mix
             chosen = torch.rand(self.batch_size, generator=self.generator) < mix.share
+            chosen |= mix.leading(self.draws)
             seeds = torch.randint(0, 2**62, (self.batch_size,), generator=self.generator).tolist()
-            reach = self.recall.reach_at(self.draws)
-            weights = torch.ones(self.batch_size, self.seq_len)
+            reach = mix.reach_at(self.draws)
+            answers = torch.zeros(self.batch_size, self.seq_len, dtype=torch.bool)
             for i in range(self.batch_size):
                 if chosen[i] and i % world == rank:  # only this process's rows are built
                     rows[i], mask = self.recall.row(random.Random(seeds[i]), reach)
-                    weights[i, mask[1:]] = mix.answer_weight
-            weights = weights[rank::world]
+                    answers[i] = mask[1:]
+            answers = answers[rank::world]
         self.draws += 1
-        return torch.stack(rows[rank::world]), weights
+        return torch.stack(rows[rank::world]), answers
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "draws": self.draws}

@@ -93,12 +93,14 @@ class LossFn:
     def __init__(self, recipe: Recipe):
         self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
 
-    def __call__(self, model, batch: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """(mean loss, targets counted); `weights` (b, seq_len): each target's weight (recall answers)."""
+    def __call__(self, model, batch: torch.Tensor, answers: torch.Tensor | None = None,
+                 parts: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, int]:
+        """(loss, targets counted). `answers` (b, seq_len) bool marks the recall answers among the targets;
+        with it, the loss is parts[0] * mean over the other targets + parts[1] * mean over the answers."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         if self.prune is None:
             logits = model(inputs)
-            return _weighted_ce(logits, targets, weights), targets.numel()
+            return _split_ce(logits, targets, answers, parts), targets.numel()
         from simba_cli.simba.pruned import pruned_forward
 
         protected = None
@@ -108,16 +110,21 @@ class LossFn:
         out = pruned_forward(model, inputs, self.prune, protected=protected)
         # out.logits (b, P, V) at out.positions (b, P)
         tgt = torch.gather(targets, 1, out.positions)
-        w = None if weights is None else torch.gather(weights, 1, out.positions)
-        return _weighted_ce(out.logits, tgt, w), tgt.numel()
+        picked = None if answers is None else torch.gather(answers, 1, out.positions)
+        return _split_ce(out.logits, tgt, picked, parts), tgt.numel()
 
 
-def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    if weights is None:
+def _split_ce(logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor | None,
+              parts: tuple[float, float]) -> torch.Tensor:
+    if answers is None:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    w = weights.flatten().to(ce.dtype)
-    return (ce * w).sum() / w.sum()
+    is_answer = answers.flatten()
+    loss = ce.sum() * 0.0  # keeps the graph when a part is empty (a process whose rows hold no answers)
+    for weight, chosen in zip(parts, (~is_answer, is_answer)):
+        if weight and bool(chosen.any()):
+            loss = loss + weight * ce[chosen].mean()
+    return loss
 
 
 class Objective(torch.nn.Module):
@@ -128,8 +135,9 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return self.loss_fn(self.model, batch, weights)[0]
+    def forward(self, batch: torch.Tensor, answers: torch.Tensor | None = None,
+                parts: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        return self.loss_fn(self.model, batch, answers, parts)[0]
 
 
 @torch.no_grad()
@@ -333,9 +341,13 @@ def train(run: Run, progress: bool = True) -> TrainState:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(at.step, recipe)
-                batch, weights = sampler.next(dd.rank, dd.world)
+                parts = (1.0, 1.0)
+                if recall is not None:  # the recall mix's lead trains the answers alone
+                    mix = recall.mix
+                    parts = (0.0, 1.0) if mix.leading(sampler.draws) else (1.0, mix.answer_loss)
+                batch, answers = sampler.next(dd.rank, dd.world)
                 with autocast():
-                    loss = objective(batch.to(device), None if weights is None else weights.to(device))
+                    loss = objective(batch.to(device), None if answers is None else answers.to(device), parts)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.optim.grad_clip > 0:
@@ -354,11 +366,11 @@ def train(run: Run, progress: bool = True) -> TrainState:
                     bar.update(completed=at.step, loss=at.loss, rate=rate)
                 if at.step % recipe.train.eval_every == 0 or at.step == recipe.train.steps:
                     val = evaluate_loss(model, run.val_windows, run.loss_fn, recipe.train.batch_size, device)
-                    recall = held_out_recall(model, run.val_recall, device)
-                    write_log({"step": at.step, "val_loss": val, "val_ppl": math.exp(val), **recall,
+                    held = held_out_recall(model, run.val_recall, device)
+                    write_log({"step": at.step, "val_loss": val, "val_ppl": math.exp(val), **held,
                                "elapsed_s": at.elapsed})
                     bar.note(f"step {at.step}: held-out loss {val:.3f} (ppl {math.exp(val):.2f})"
-                             + "".join(f", {k} {v:.2f}" for k, v in recall.items()))
+                             + "".join(f", {k} {v:.2f}" for k, v in held.items()))
                 if at.step % recipe.train.checkpoint_every == 0 or at.step == recipe.train.steps:
                     checkpoint_now()
     except KeyboardInterrupt:

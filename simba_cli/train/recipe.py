@@ -14,8 +14,9 @@
         passkey: 0.5               # relative weights of the two kinds
         mqar: 0.5
         pairs: [4, 8, 16]          # facts per mqar document
-        curriculum_steps: 1000     # facts placed ever further back over these steps
-        answer_weight: 4.0         # loss weight of an answer token
+        lead_steps: 800            # first, retrieval alone: short recall rows, loss on answers only
+        curriculum_steps: 1000     # then facts placed ever further back over these steps
+        answer_loss: 1.0           # loss = mean over other tokens + answer_loss * mean over answers
     optim:
       lr: 3.0e-3
       ...
@@ -126,8 +127,9 @@ class Recipe:
                 (mix.passkey >= 0 and mix.mqar >= 0 and mix.passkey + mix.mqar > 0,
                  "data.recall.passkey and .mqar are weights: not negative, not both 0"),
                 (bool(mix.pairs) and all(1 <= k <= 64 for k in mix.pairs), "data.recall.pairs: numbers in 1..64"),
-                (mix.answer_weight > 0, "data.recall.answer_weight must be positive"),
-                (mix.curriculum_steps >= 0, "data.recall.curriculum_steps must be >= 0"),
+                (mix.answer_loss >= 0, "data.recall.answer_loss must be >= 0"),
+                (mix.lead_steps >= 0 and mix.curriculum_steps >= 0,
+                 "data.recall.lead_steps and .curriculum_steps must be >= 0"),
             ]
         for ok, message in checks:
             if not ok:
