@@ -47,7 +47,8 @@ def read_config(directory: Path) -> tuple[MambaConfig | Mamba2Config, str]:
     """The model config of a checkpoint directory (its family's config type), and its format: 'mamba_ssm' or 'hf'."""
     path = directory / "config.json"
     raw = read_config_json(directory)
-    layer = (raw.get("ssm_cfg") or {}).get("layer") if isinstance(raw.get("ssm_cfg"), dict) else None
+    ssm_cfg = raw.get("ssm_cfg")
+    layer = ssm_cfg.get("layer") if isinstance(ssm_cfg, dict) else None  # mamba-ssm names the family here
     try:
         if raw.get("model_type") == "mamba2":
             return Mamba2Config.from_hf(raw), "hf"
