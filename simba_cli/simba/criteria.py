@@ -92,8 +92,8 @@ def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant
     dt = scan.dt  # the scan's own step sizes, zero on padding
     last_idx = lengths - 1
     if isinstance(scan, SSDScanInputs):
-        z_T = scan.z[torch.arange(scan.z.shape[0], device=scan.z.device), last_idx] if variant == "simba-gated" \
-            else None
+        gated = variant == "simba-gated"  # the gate z at each last real token; ssd_score applies silu
+        z_T = scan.z[torch.arange(scan.z.shape[0], device=scan.z.device), last_idx] if gated else None
         return ssd_score(scan.x, dt, scan.A, scan.B, scan.C, lengths, variant, z_T)
     gate_T = None
     if variant == "simba-gated":
