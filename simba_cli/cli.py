@@ -125,9 +125,10 @@ def prune_cmd(
 
 @command("flops-report")
 def flops_report_cmd(
-    models: Annotated[list[str] | None, typer.Argument(help="Models: official sizes (mamba-130m ... mamba-2.8b), zoo "
-                                                            "names, directories or artifacts; default: the "
-                                                            "official family")] = None,
+    models: Annotated[list[str] | None, typer.Argument(help="Models: official sizes (mamba-130m ... mamba-2.8b, "
+                                                            "mamba2-130m ... mamba2-2.7b), zoo names, directories "
+                                                            "or artifacts; default: the official Mamba family")]
+    = None,
     schedule: Schedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1, stages: Stages = 4,
     criterion: Criterion = "simba", seq_len: SeqLen = 2048, head: Head = "all",
     per_layer: Annotated[bool, typer.Option(help="Also a per-layer table")] = False,
@@ -176,7 +177,8 @@ def flops_report_cmd(
 
 @command("flops-match")
 def flops_match_cmd(
-    big: Annotated[str, typer.Argument(help="The model to prune (official size, zoo name, directory)")],
+    big: Annotated[str, typer.Argument(help="The model to prune (official size such as mamba-370m or "
+                                            "mamba2-370m, zoo name, directory)")],
     target: Annotated[str, typer.Option(help="The dense model whose FLOPs to match")],
     seq_len: SeqLen = 2048, schedule: Schedule = "linear", first_layer: FirstLayer = 1, stages: Stages = 4,
     criterion: Criterion = "simba", head: Head = "all",

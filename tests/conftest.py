@@ -37,3 +37,37 @@ def random_model(cfg: MambaConfig | None = None, seed: int = 0) -> MambaLM:
 @pytest.fixture
 def tiny_model():
     return random_model()
+
+
+def tiny_mamba2_config(**kw):
+    """A tiny Mamba-2: D = 64 channels in H = 8 heads of P = 8, G = 2 groups, N = 8, chunks of 8 tokens."""
+    from simba_cli.models.mamba2 import Mamba2Config
+
+    base = dict(d_model=32, n_layer=3, vocab_size=64, d_state=8, expand=2, head_dim=8, n_groups=2, chunk_size=8)
+    base.update(kw)
+    return Mamba2Config(**base)
+
+
+def random_mamba2(cfg=None, seed: int = 0):
+    """A Mamba2LM whose every parameter is random: decays, step biases, skips and norms too."""
+    from simba_cli.models.mamba2 import Mamba2LM
+
+    cfg = cfg or tiny_mamba2_config()
+    torch.manual_seed(seed)
+    model = Mamba2LM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * torch.randn_like(p) - 1)
+            elif name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_model_of(family: str, seed: int = 0, **kw):
+    """A random tiny LM of either family ("mamba" or "mamba2"), vocabulary 64."""
+    return random_model(tiny_config(**kw), seed) if family == "mamba" else random_mamba2(tiny_mamba2_config(**kw), seed)

@@ -7,8 +7,8 @@ from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState, generate, prefill, step
 from simba_cli.simba.pruned import pruned_forward, pruned_prefill
 from simba_cli.simba.settings import PruneConfig
-from tests.conftest import random_model, tiny_config
-from tests.test_simba import dense_on_gathered
+from tests.conftest import random_model, tiny_config, tiny_model_of
+from tests.test_simba import FAMILIES, dense_on_gathered
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -36,8 +36,9 @@ def test_generate_accepts_the_edges():
     assert generate(model, ids, 3, top_p=1e-6, temperature=0.7, generator=gen).shape == (1, 3)
 
 
-def test_pruned_prefill_keeping_every_token_generates_what_the_dense_prefill_does():
-    model = random_model(tiny_config(n_layer=4))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_prefill_keeping_every_token_generates_what_the_dense_prefill_does(family):
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (3, 21), generator=torch.Generator().manual_seed(5))
     lengths = torch.tensor([21, 9, 16])
     keep_all = pruned_prefill(PruneConfig(schedule="linear", final_keep=1.0))
@@ -61,13 +62,15 @@ def recording(mix, seen: list):
     return wrapped
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("criterion", ["simba", "recent"])
-def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_it_kept(monkeypatch, criterion):
+def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_it_kept(monkeypatch, criterion,
+                                                                                        family):
     """Layer l's state after a pruned, padded, batched prefill is its mixer's final state on the sequence
     entering it in the hand-built pruned computation of tests.test_simba (one sequence, no padding, the
     tokens the trace says layer l kept); and a decoding step from that state is that computation with
     the new token appended to every layer's tokens."""
-    model = random_model(tiny_config(n_layer=4))
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([30, 19])
     nxt = torch.tensor([7, 11])

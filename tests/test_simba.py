@@ -8,12 +8,16 @@ import torch.nn.functional as F
 
 from simba_cli.errors import UserError
 from simba_cli.models.decode import generate
+from simba_cli.models.mamba2 import SSDScanInputs
 from simba_cli.ops.scan_ref import selective_scan_ref
 from simba_cli.simba.criteria import simba_contributions, simba_score, simba_score_reference
+from simba_cli.simba.criteria_ssd import ssd_score
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.simba.pruned import pruned_forward, pruned_prefill
 from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
-from tests.conftest import random_model, tiny_config
+from tests.conftest import random_model, tiny_config, tiny_model_of
+
+FAMILIES = ["mamba", "mamba2"]
 
 
 def layer_scan(dtype=torch.float64, lengths=(13, 8), seed=0):
@@ -175,15 +179,24 @@ def check_choice(criterion, scan, cur: list[int], chosen: set[int], forced: set[
     if criterion == "recent":
         assert not picked or not dropped or min(picked) > max(dropped)
     elif criterion == "simba" and picked and dropped:
-        f64 = lambda x: x.double()
-        score = simba_score_reference(f64(scan.u), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
-                                      torch.tensor([len(cur) - 1]))[0]
+        score = reference_score(scan, len(cur))
         assert score[picked].min() >= score[dropped].max() - 1e-5 * score.abs().max()
 
 
+def reference_score(scan, n: int) -> torch.Tensor:
+    """The float64 Simba score of one unpadded sequence of n tokens, by the brute-force-checked formula of its
+    family: Mamba-1's reference, or the SSD one (`tests.test_mamba2_simba`)."""
+    f64 = lambda x: x.double()
+    if isinstance(scan, SSDScanInputs):
+        return ssd_score(f64(scan.x), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C), torch.tensor([n]))[0]
+    return simba_score_reference(f64(scan.u), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
+                                 torch.tensor([n - 1]))[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("criterion", ["simba", "recent", "random"])
-def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion):
-    model = random_model(tiny_config(n_layer=4))
+def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion, family):
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 30))
     lengths = torch.tensor([30, 19])
     protected = torch.zeros(2, 30, dtype=torch.bool)
@@ -204,8 +217,9 @@ def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion):
             torch.testing.assert_close(out.logits[b, :n], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_schedule_none_is_the_dense_model_bit_for_bit():
-    model = random_model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_schedule_none_is_the_dense_model_bit_for_bit(family):
+    model = tiny_model_of(family)
     ids = torch.randint(0, 64, (2, 17))
     with torch.no_grad():
         out = pruned_forward(model, ids, PruneConfig(schedule="none"))
@@ -217,9 +231,10 @@ def test_schedule_none_is_the_dense_model_bit_for_bit():
         assert prot.positions[0].tolist() == list(range(12, 17))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("criterion", ["simba", "random"])
-def test_each_sequence_of_a_padded_batch_equals_itself_alone(criterion):
-    model = random_model(tiny_config(n_layer=4))
+def test_each_sequence_of_a_padded_batch_equals_itself_alone(criterion, family):
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (3, 26))
     lengths = torch.tensor([26, 11, 20])
     cfg = PruneConfig(final_keep=0.3, criterion=criterion)
@@ -244,8 +259,9 @@ def test_random_draws_differ_between_sequences_and_seeds():
         assert kept(torch.randint(0, 64, (1, 40)), 0) != first  # another sequence, another draw
 
 
-def test_protect_mode_scores_only_protected_positions():
-    model = random_model(tiny_config(n_layer=4))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protect_mode_scores_only_protected_positions(family):
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 24))
     protected = torch.zeros(2, 24, dtype=torch.bool)
     protected[0, 20:] = True
@@ -260,8 +276,9 @@ def test_protect_mode_scores_only_protected_positions():
     assert out.flops.head_positions == 7
 
 
-def test_pruned_prefill_then_decoding():
-    model = random_model(tiny_config(n_layer=4))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_prefill_then_decoding(family):
+    model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 20))
     dense = generate(model, ids, 6)
     none = generate(model, ids, 6, prefill_fn=pruned_prefill(PruneConfig(schedule="none")))
@@ -300,8 +317,9 @@ def test_pruned_flops_of_mamba_130m_by_hand():
     assert flops(OFFICIAL["mamba-130m"], PruneConfig(), 2048, head="last").head == 77_233_152
 
 
-def test_measured_flops_equal_analytic():
-    model = random_model(tiny_config(n_layer=5))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_measured_flops_equal_analytic(family):
+    model = tiny_model_of(family, n_layer=5)
     cfg = PruneConfig(final_keep=0.2)
     with torch.no_grad():
         out = pruned_forward(model, torch.randint(0, 64, (1, 50)), cfg)
@@ -313,10 +331,11 @@ def test_measured_flops_equal_analytic():
     assert math.isclose(expected.total / analytic(model.cfg, 50).total, 0.6, rel_tol=0.2)
 
 
-def test_truncate_is_the_dense_model_on_the_last_tokens():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncate_is_the_dense_model_on_the_last_tokens(family):
     """The equal-FLOPs baseline: every layer, the first included, reads only the last ceil(r L) tokens
     (protected ones always); in exit mode the tokens never read exit with their embedding."""
-    model = random_model(tiny_config(n_layer=4), 5)
+    model = tiny_model_of(family, 5, n_layer=4)
     ids, lengths = torch.randint(0, 64, (2, 40)), torch.tensor([40, 30])
     protected = torch.zeros(2, 40, dtype=torch.bool)
     protected[0, 35:40], protected[1, 25:30] = True, True

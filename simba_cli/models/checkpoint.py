@@ -1,8 +1,12 @@
-"""Checkpoint formats: read and write a MambaLM as mamba-ssm or Hugging Face `MambaForCausalLM` files.
+"""Checkpoint formats: read and write a Mamba-1 or Mamba-2 LM as mamba-ssm or Hugging Face files.
 
-    mamba-ssm (state-spaces/mamba-*):  config.json with d_model/n_layer/ssm_cfg, pytorch_model.bin
-    Hugging Face (*-hf):               config.json with model_type "mamba", model.safetensors
-                                       (or pytorch_model.bin, or a sharded *.index.json)
+    mamba-ssm (state-spaces/mamba-*, state-spaces/mamba2-*):
+        config.json with d_model/n_layer/ssm_cfg (ssm_cfg.layer "Mamba2" for Mamba-2), pytorch_model.bin
+    Hugging Face (*-hf, MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM):
+        config.json with model_type "mamba", "falcon_mamba" or "mamba2", model.safetensors
+        (or pytorch_model.bin, or a sharded *.index.json)
+
+The family comes from config.json alone (`read_config`); the model class from the config's type.
 
 Parameter names are the same in both but for the embedding: `backbone.embedding` (mamba-ssm, and
 this package) vs `backbone.embeddings` (transformers).
@@ -18,7 +22,8 @@ import torch
 
 from simba_cli.errors import UserError
 from simba_cli.models.config import MambaConfig
-from simba_cli.models.mamba import MambaLM
+from simba_cli.models.mamba import BlockLM, MambaLM
+from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM
 from simba_cli.outdir import atomic_directory
 
 HF_EMBED, OUR_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
@@ -38,18 +43,30 @@ def read_config_json(directory: Path) -> dict:
     return raw
 
 
-def read_config(directory: Path) -> tuple[MambaConfig, str]:
-    """The model config of a checkpoint directory, and its format: 'mamba_ssm' or 'hf'."""
+def read_config(directory: Path) -> tuple[MambaConfig | Mamba2Config, str]:
+    """The model config of a checkpoint directory (its family's config type), and its format: 'mamba_ssm' or 'hf'."""
     path = directory / "config.json"
     raw = read_config_json(directory)
+    ssm_cfg = raw.get("ssm_cfg")
+    layer = ssm_cfg.get("layer") if isinstance(ssm_cfg, dict) else None  # mamba-ssm names the family here
     try:
+        if raw.get("model_type") == "mamba2":
+            return Mamba2Config.from_hf(raw), "hf"
         if raw.get("model_type") in ("mamba", "falcon_mamba") or "hidden_size" in raw:
             return MambaConfig.from_hf(raw), "hf"
+        if "d_model" in raw and layer == "Mamba2":
+            return Mamba2Config.from_mamba_ssm(raw), "mamba_ssm"
         if "d_model" in raw:
             return MambaConfig.from_mamba_ssm(raw), "mamba_ssm"
     except KeyError as e:
-        raise UserError(f"{path} lacks the key {e.args[0]!r}; is this a Mamba-1 config?") from e
+        raise UserError(f"{path} lacks the key {e.args[0]!r}; is this a Mamba config?") from e
     raise UserError(f"{path} is neither a mamba-ssm nor a Hugging Face Mamba config (no d_model or hidden_size)")
+
+
+def empty_model(cfg: MambaConfig | Mamba2Config) -> BlockLM:
+    """The LM of `cfg`'s family on the meta device: no memory and no init, every tensor to come from a checkpoint."""
+    with torch.device("meta"):
+        return Mamba2LM(cfg) if isinstance(cfg, Mamba2Config) else MambaLM(cfg, init=False)
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -93,13 +110,12 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MambaLM:
-    """A MambaLM from a checkpoint directory in either format; a one-line UserError when it does not fit."""
+def load_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BlockLM:
+    """A MambaLM or Mamba2LM (as config.json says) from a checkpoint directory in either format; a one-line
+    UserError when it does not fit."""
     directory = Path(directory)
     cfg, _ = read_config(directory)
-    with torch.device("meta"):  # no memory and no random init: every tensor comes from the checkpoint
-        model = MambaLM(cfg, init=False)
-    return fill(model, directory, dtype)
+    return fill(empty_model(cfg), directory, dtype)
 
 
 def fill(model, directory: Path, dtype: torch.dtype):
@@ -131,7 +147,7 @@ def _short(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def save_checkpoint(model: MambaLM, directory: str | os.PathLike, fmt: str = "hf", tokenizer=None,
+def save_checkpoint(model: BlockLM, directory: str | os.PathLike, fmt: str = "hf", tokenizer=None,
                     extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write model (and tokenizer) in `fmt` ('hf' or 'mamba_ssm'), atomically: a temp dir renamed at the end."""
     directory = Path(directory)

@@ -59,8 +59,8 @@ class MambaConfig:
         layer = ssm.pop("layer", "Mamba1")
         if layer != "Mamba1" or cfg.get("d_intermediate", 0):
             raise UserError(
-                f"only Mamba-1 checkpoints are supported (this config has layer={layer!r}, "
-                f"d_intermediate={cfg.get('d_intermediate', 0)}); use a state-spaces/mamba-* model"
+                f"only Mamba-1 and Mamba-2 checkpoints are supported (this config has layer={layer!r}, "
+                f"d_intermediate={cfg.get('d_intermediate', 0)}); use a state-spaces/mamba-* or mamba2-* model"
             )
         vocab = _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8))
         return cls(

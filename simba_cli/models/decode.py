@@ -1,8 +1,10 @@
 """Recurrent decoding: a prefill that returns each layer's conv and SSM state, one-token steps, generate.
 
-The state of layer i is (conv_state (b, D, d_conv), ssm_state (b, D, N)); a step costs O(1) in the
-context length. The prefill may come from any forward that reports final states, dense here or
-Simba-pruned (`simba.pruned`), since decoding only needs each layer's state after its last real token.
+The state of layer i is (conv_state, ssm_state): for Mamba-1 (b, D, d_conv) and (b, D, N), for Mamba-2
+(b, D + 2 G N, d_conv) and (b, H, P, N). Each family's mixer reads and updates its own
+(`mix(final_state=True)`, `step`), so this module runs either. A step costs O(1) in the context length.
+The prefill may come from any forward that reports final states, dense here or Simba-pruned
+(`simba.pruned`), since decoding only needs each layer's state after its last real token.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from simba_cli.errors import UserError
-from simba_cli.models.mamba import MambaLM
+from simba_cli.models.mamba import BlockLM
 
 
 @dataclass
 class DecodeState:
-    conv: list[torch.Tensor]  # per layer (b, D, d_conv)
-    ssm: list[torch.Tensor]  # per layer (b, D, N), float32
+    conv: list[torch.Tensor]  # per layer (b, D, d_conv); Mamba-2 (b, D + 2 G N, d_conv)
+    ssm: list[torch.Tensor]  # per layer (b, D, N); Mamba-2 (b, H, P, N); float32
 
 
 @torch.no_grad()
-def prefill(model: MambaLM, input_ids, lengths=None):
+def prefill(model: BlockLM, input_ids, lengths=None):
     """Dense prefill: logits at each sequence's last real token (b, V) and the decode state."""
     hidden, residual = model.embed(input_ids), None
     conv, ssm = [], []
@@ -46,7 +48,7 @@ def _last_index(input_ids, lengths):
 
 
 @torch.no_grad()
-def step(model: MambaLM, token_ids, state: DecodeState):
+def step(model: BlockLM, token_ids, state: DecodeState):
     """One token per sequence: token_ids (b,) -> logits (b, V); the state is updated in place."""
     hidden, residual = model.embed(token_ids), None
     for i, block in enumerate(model.layers):
@@ -90,7 +92,7 @@ def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int = 0
 
 
 @torch.no_grad()
-def generate(model: MambaLM, input_ids, max_new_tokens: int, lengths=None, prefill_fn=prefill,
+def generate(model: BlockLM, input_ids, max_new_tokens: int, lengths=None, prefill_fn=prefill,
              eos_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              generator=None):
     """Prefill (dense by default; pass a Simba-pruned `prefill_fn`), then recurrent decoding.

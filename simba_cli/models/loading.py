@@ -1,4 +1,5 @@
-"""Load a model by reference (directory, zoo name or hub id) with its tokenizer."""
+"""Load a model by reference (directory, zoo name or hub id) with its tokenizer; Mamba-1 or Mamba-2, as its
+config.json says (`models.checkpoint.read_config`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from simba_cli.errors import UserError
 from simba_cli.models import hub
 from simba_cli.models.checkpoint import load_checkpoint, read_config
-from simba_cli.models.mamba import MambaLM
+from simba_cli.models.mamba import BlockLM
 from simba_cli.models.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,7 +40,7 @@ def resolve_device(device: str | torch.device | None, fall_back: bool = False) -
 
 @dataclass
 class LoadedModel:
-    model: MambaLM
+    model: BlockLM  # MambaLM or Mamba2LM, as config.json says
     tokenizer: object | None
     ref: str  # what the user asked for
     directory: Path  # where the files are

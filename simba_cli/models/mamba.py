@@ -141,11 +141,13 @@ class MambaMixer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: MambaConfig):
+    """A pre-norm block: `norm` then `mixer`, any family's (Mamba-1's by default; `models.mamba2` passes its own)."""
+
+    def __init__(self, cfg, norm: nn.Module | None = None, mixer: nn.Module | None = None):
         super().__init__()
         self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = make_norm(cfg)
-        self.mixer = MambaMixer(cfg)
+        self.norm = make_norm(cfg) if norm is None else norm
+        self.mixer = MambaMixer(cfg) if mixer is None else mixer
 
     def add_residual(self, hidden, residual):
         residual = hidden if residual is None else hidden + residual
@@ -158,7 +160,46 @@ class Block(nn.Module):
         return self.mixer.mix(normed, lengths, **mix_kwargs), residual
 
 
-class MambaLM(nn.Module):
+class BlockLM(nn.Module):
+    """What every family's LM shares: embedding -> blocks (each `forward(hidden, residual, lengths, **mix_kwargs)
+    -> (MixerOutput, residual)`) -> norm_f -> lm_head. A subclass builds `backbone.embedding`,
+    `backbone.layers`, `backbone.norm_f` and `lm_head`, and sets `cfg` (with d_model, n_layer, tie_embeddings,
+    residual_in_fp32: a MambaConfig or a Mamba2Config). The Simba core and decoding use only what this class
+    and its blocks offer."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def embed(self, input_ids):
+        return self.backbone.embedding(input_ids)
+
+    def head(self, hidden, residual):
+        """Logits from the last block's output and the stream: norm_f(hidden + residual) -> lm_head."""
+        stream = hidden if residual is None else hidden + residual
+        return self.logits_from_stream(stream)
+
+    def logits_from_stream(self, stream):
+        normed = self.backbone.norm_f(stream.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(normed)
+
+    def forward(self, input_ids, lengths=None):
+        """Dense forward: input_ids (b, l) -> logits (b, l, V). Positions past `lengths` are padding."""
+        hidden, residual = self.embed(input_ids), None
+        for block in self.layers:
+            out, residual = block(hidden, residual, lengths)
+            hidden = out.out
+        return self.head(hidden, residual)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+
+class MambaLM(BlockLM):
     """Mamba-1 LM. State-dict keys are mamba-ssm's (`backbone.embedding`, `backbone.layers.i`, ...)."""
 
     def __init__(self, cfg: MambaConfig, init: bool = True):
@@ -173,14 +214,6 @@ class MambaLM(nn.Module):
             self.reset_parameters()
         else:
             self.tie_weights()
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.backbone.layers
-
-    def tie_weights(self):
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
 
     def reset_parameters(self, seed: int | None = None, dt_min: float = 1e-3, dt_max: float = 0.1):
         """Mamba's initialisation: S4D-real A, dt log-uniform in [dt_min, dt_max], residual rescaling."""
@@ -210,26 +243,3 @@ class MambaLM(nn.Module):
                 block.norm.weight.fill_(1.0)
             self.backbone.norm_f.weight.fill_(1.0)
         self.tie_weights()
-
-    def embed(self, input_ids):
-        return self.backbone.embedding(input_ids)
-
-    def head(self, hidden, residual):
-        """Logits from the last block's output and the stream: norm_f(hidden + residual) -> lm_head."""
-        stream = hidden if residual is None else hidden + residual
-        return self.logits_from_stream(stream)
-
-    def logits_from_stream(self, stream):
-        normed = self.backbone.norm_f(stream.to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(normed)
-
-    def forward(self, input_ids, lengths=None):
-        """Dense forward: input_ids (b, l) -> logits (b, l, V). Positions past `lengths` are padding."""
-        hidden, residual = self.embed(input_ids), None
-        for block in self.layers:
-            out, residual = block(hidden, residual, lengths)
-            hidden = out.out
-        return self.head(hidden, residual)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied weights count once

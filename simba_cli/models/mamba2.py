@@ -25,138 +25,26 @@ Mixer, for hidden (b, l, d):
     y      = norm(y * silu(z))                          RMS over each of G groups of D / G channels, then a weight
     out    = out_proj(y)
 
-Blocks are pre-norm with a separate residual stream, as in the Mamba-1 model (`simba_cli.models.mamba`):
+Blocks are Mamba-1's (`simba_cli.models.mamba.Block`): pre-norm with a separate residual stream,
     residual = hidden + residual;  hidden = mixer(norm(residual));  logits = lm_head(norm_f(hidden + residual))
+and the mixer speaks the Mamba-1 mixer's interface (`mix(hidden, lengths, keep_scan_inputs=, final_state=)`
+-> MixerOutput, and `step` for recurrent decoding), so the Simba core and decoding run either family.
+The config lives in `models.mamba2_config` (importable from here too).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from simba_cli.errors import UserError
-from simba_cli.models.mamba import RMSNorm
-from simba_cli.ops.conv import causal_conv1d
-
-
-@dataclass(frozen=True)
-class Mamba2Config:
-    d_model: int
-    n_layer: int
-    vocab_size: int
-    d_state: int = 128
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1
-    d_conv: int = 4
-    chunk_size: int = 256
-    conv_bias: bool = True
-    bias: bool = False
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    residual_in_fp32: bool = True
-    dt_limit: tuple[float, float] = (0.0, math.inf)
-
-    def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "head_dim", "n_groups", "d_conv",
-                     "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"Mamba-2 config: {name} must be a positive integer, got {value!r}; fix config.json")
-        if self.d_inner % self.head_dim:
-            raise UserError(f"Mamba-2 config: expand × d_model = {self.d_inner} is not a multiple of head_dim "
-                            f"{self.head_dim}; fix config.json")
-        if self.n_heads % self.n_groups:
-            raise UserError(f"Mamba-2 config: {self.n_heads} heads do not split into n_groups {self.n_groups}; "
-                            f"fix config.json")
-        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def n_heads(self) -> int:
-        return self.d_inner // self.head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.n_groups * self.d_state
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> Mamba2Config:
-        """From the config.json of Hugging Face `Mamba2ForCausalLM` (model_type "mamba2")."""
-        try:
-            limit = _dt_limit(cfg.get("time_step_limit", (0.0, math.inf)))
-            out = cls(
-                d_model=cfg["hidden_size"],
-                n_layer=cfg["num_hidden_layers"],
-                vocab_size=cfg["vocab_size"],
-                d_state=cfg.get("state_size", 128),
-                expand=cfg.get("expand", 2),
-                head_dim=cfg.get("head_dim", 64),
-                n_groups=cfg.get("n_groups", 8),
-                d_conv=cfg.get("conv_kernel", 4),
-                chunk_size=cfg.get("chunk_size", 256),
-                conv_bias=cfg.get("use_conv_bias", True),
-                bias=cfg.get("use_bias", False),
-                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=cfg.get("tie_word_embeddings", False),
-                residual_in_fp32=cfg.get("residual_in_fp32", True),
-                dt_limit=limit,
-            )
-        except KeyError as e:
-            raise UserError(f"Mamba-2 config.json lacks the key {e.args[0]!r}; is this a Mamba2ForCausalLM "
-                            f"config?") from e
-        heads = cfg.get("num_heads", out.n_heads)
-        if heads != out.n_heads:
-            raise UserError(f"Mamba-2 config: num_heads {heads} × head_dim {out.head_dim} != expand × hidden_size "
-                            f"{out.d_inner}; fix config.json")
-        return out
-
-    def to_hf(self) -> dict:
-        return {
-            "architectures": ["Mamba2ForCausalLM"],
-            "model_type": "mamba2",
-            "hidden_size": self.d_model,
-            "num_hidden_layers": self.n_layer,
-            "vocab_size": self.vocab_size,
-            "state_size": self.d_state,
-            "expand": self.expand,
-            "head_dim": self.head_dim,
-            "num_heads": self.n_heads,
-            "n_groups": self.n_groups,
-            "conv_kernel": self.d_conv,
-            "chunk_size": self.chunk_size,
-            "use_conv_bias": self.conv_bias,
-            "use_bias": self.bias,
-            "layer_norm_epsilon": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings,
-            "residual_in_fp32": self.residual_in_fp32,
-            "time_step_limit": [v if math.isfinite(v) else {"__float__": str(v).replace("inf", "Infinity")}
-                                for v in self.dt_limit],
-            "hidden_act": "silu",
-        }
-
-
-def _dt_limit(value) -> tuple[float, float]:
-    """HF's time_step_limit: two numbers, where transformers writes infinity as {"__float__": "Infinity"}."""
-    try:
-        low, high = (float(v["__float__"] if isinstance(v, dict) else v) for v in value)
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"Mamba-2 config: time_step_limit must be two numbers, got {value!r}; fix config.json") \
-            from e
-    if not 0 <= low <= high:
-        raise UserError(f"Mamba-2 config: time_step_limit must be 0 <= low <= high, got {value!r}; fix config.json")
-    return low, high
-
+from simba_cli.models.mamba import Block, BlockLM, MixerOutput, RMSNorm
+from simba_cli.models.mamba2_config import Mamba2Config
+from simba_cli.ops.conv import causal_conv1d, conv_state_at
+from simba_cli.ops.scan import scan_dt
 
 # --- the SSD scan ----------------------------------------------------------------------------------
 #   x (b, l, H, P); dt (b, l, H) positive; A (H,) negative; B, C (b, l, G, N); D (H,) or None.
@@ -272,6 +160,23 @@ class GatedRMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+@dataclass
+class SSDScanInputs:
+    """What an SSD layer's scan consumed, for the Simba criterion (`simba.criteria_ssd`):
+
+        x (b, l, H, P)   dt (b, l, H) positive, zero on padding   A (H,) negative   B, C (b, l, G, N)   z (b, l, D)
+
+    dt is the scan's own step size, softplus(dt_raw + dt_bias) clamped to dt_limit; the gate z is kept for
+    `simba-gated`."""
+
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    z: torch.Tensor
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
@@ -289,40 +194,83 @@ class Mamba2Mixer(nn.Module):
         return -torch.exp(self.A_log.float())
 
     def forward(self, hidden, lengths=None):
-        """hidden (b, l, d) -> (b, l, d). Right padding never reaches real tokens: conv and scan are causal."""
+        return self.mix(hidden, lengths).out
+
+    def split_projection(self, hidden):
+        """z (..., D), xBC (..., D + 2 G N) before the conv, dt_raw (..., H) from in_proj."""
+        cfg = self.cfg
+        return self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
+
+    def split_xbc(self, xbc):
+        """The conv's output (..., D + 2 G N) as x (..., H, P), B and C (..., G, N)."""
+        cfg = self.cfg
+        x, B, C = xbc.split([cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_groups * cfg.d_state], dim=-1)
+        groups = (cfg.n_groups, cfg.d_state)
+        return x.unflatten(-1, (cfg.n_heads, cfg.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def step_sizes(self, dt_raw, lengths=None):
+        """dt = softplus(dt_raw + dt_bias) clamped to dt_limit, (..., H), float32 (float64 stays float64); zero on
+        padding (positions past `lengths`), so that a padded step neither decays nor feeds the state."""
+        dt = scan_dt(dt_raw, self.dt_bias).clamp(*self.cfg.dt_limit)
+        if lengths is None:
+            return dt
+        real = torch.arange(dt.shape[1], device=dt.device)[None, :] < lengths.to(dt.device)[:, None]
+        return dt * real[..., None]
+
+    def mix(self, hidden, lengths=None, *, keep_scan_inputs: bool = False, final_state: bool = False) -> MixerOutput:
+        """hidden (b, l, d), right-padded to `lengths` (b,) -> MixerOutput: out (b, l, d); with keep_scan_inputs
+        the SSDScanInputs; with final_state the conv state (b, D + 2 G N, d_conv) and the SSM state (b, H, P, N)
+        after each sequence's last real token. Padding never reaches real tokens: conv and scan are causal."""
         cfg = self.cfg
         b, l, _ = hidden.shape
-        z, xbc, dt_raw = self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.n_heads], dim=-1)
-        xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
-        x, B, C = xbc.split([cfg.d_inner, cfg.n_groups * cfg.d_state, cfg.n_groups * cfg.d_state], dim=-1)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(*cfg.dt_limit)
-        y = ssd_scan_chunked(
-            x.reshape(b, l, cfg.n_heads, cfg.head_dim), dt, self.A(),
-            B.reshape(b, l, cfg.n_groups, cfg.d_state), C.reshape(b, l, cfg.n_groups, cfg.d_state),
-            self.D, chunk_size=cfg.chunk_size,
-        )
+        z, xbc_in, dt_raw = self.split_projection(hidden)
+        xbc = causal_conv1d(xbc_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
+        x, B, C = self.split_xbc(xbc)
+        dt = self.step_sizes(dt_raw, lengths)
+        A = self.A()
+        # dt is zero on padding, so the state at the end of the padded sequence is the state after its last
+        # real token: the scan's final state is the decoding state.
+        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=cfg.chunk_size, return_final_state=True)
         y = self.norm(y.reshape(b, l, cfg.d_inner), z)
+        result = MixerOutput(self.out_proj(y.to(hidden.dtype)))
+        if keep_scan_inputs:
+            result.scan = SSDScanInputs(x, dt, A, B, C, z)
+        if final_state:
+            result.conv_state = conv_state_at(xbc_in, lengths, cfg.d_conv)
+            result.ssm_state = ssm_state
+        return result
+
+    def step(self, hidden, conv_state, ssm_state):
+        """One token: hidden (b, d) -> (b, d); conv_state (b, D + 2 G N, d_conv) and ssm_state (b, H, P, N) are
+        updated in place. The recurrence of `ssd_scan_ref`, one step."""
+        cfg = self.cfg
+        z, xbc, dt_raw = self.split_projection(hidden)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = xbc
+        xbc = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            xbc = xbc + self.conv1d.bias
+        x, B, C = self.split_xbc(F.silu(xbc))
+        dtype = _compute_dtype(x)
+        x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
+        dt = self.step_sizes(dt_raw).to(dtype)  # (b, H)
+        per_group = cfg.n_heads // cfg.n_groups
+        B, C = B.repeat_interleave(per_group, dim=1), C.repeat_interleave(per_group, dim=1)  # (b, H, N)
+        decay = torch.exp(dt * self.A().to(dtype))[..., None, None]  # (b, H, 1, 1)
+        ssm_state.copy_(decay * ssm_state + (dt[..., None] * x)[..., None] * B[:, :, None, :])
+        y = (ssm_state.to(dtype) @ C[..., None]).squeeze(-1) + self.D.to(dtype)[:, None] * x  # (b, H, P)
+        y = self.norm(y.flatten(1), z)
         return self.out_proj(y.to(hidden.dtype))
 
 
-class Mamba2Block(nn.Module):
+class Mamba2Block(Block):
+    """Mamba-1's pre-norm block (`models.mamba.Block`) around an SSD mixer."""
+
     def __init__(self, cfg: Mamba2Config):
-        super().__init__()
-        self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg)
-
-    def add_residual(self, hidden, residual):
-        residual = hidden if residual is None else hidden + residual
-        return residual.float() if self.residual_in_fp32 else residual
-
-    def forward(self, hidden, residual, lengths=None):
-        """Returns (mixer output, residual): the mixer's output and the stream entering this block."""
-        residual = self.add_residual(hidden, residual)
-        return self.mixer(self.norm(residual.to(self.norm.weight.dtype)), lengths), residual
+        super().__init__(cfg, RMSNorm(cfg.d_model, cfg.norm_eps), Mamba2Mixer(cfg))
 
 
-class Mamba2LM(nn.Module):
+class Mamba2LM(BlockLM):
     """Mamba-2 LM. State-dict keys are mamba-ssm's (`backbone.embedding`, `backbone.layers.i.mixer...`)."""
 
     def __init__(self, cfg: Mamba2Config):
@@ -334,24 +282,3 @@ class Mamba2LM(nn.Module):
         self.backbone.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.backbone.layers
-
-    def tie_weights(self):
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
-
-    def embed(self, input_ids):
-        return self.backbone.embedding(input_ids)
-
-    def logits_from_stream(self, stream):
-        return self.lm_head(self.backbone.norm_f(stream.to(self.backbone.norm_f.weight.dtype)))
-
-    def forward(self, input_ids, lengths=None):
-        """Dense forward: input_ids (b, l) -> logits (b, l, V). Positions past `lengths` are padding."""
-        hidden, residual = self.embed(input_ids), None
-        for block in self.layers:
-            hidden, residual = block(hidden, residual, lengths)
-        return self.logits_from_stream(hidden + residual)

@@ -21,10 +21,9 @@ from pathlib import Path
 import yaml
 
 from simba_cli.errors import UserError
-from simba_cli.models.config import MambaConfig
 from simba_cli.outdir import check_not_file, write_atomic
 from simba_cli.provenance import provenance
-from simba_cli.simba.flops import analytic
+from simba_cli.simba.flops import Config, analytic
 from simba_cli.simba.settings import PruneConfig, check_seq_len
 
 FILENAME = "simba.yaml"
@@ -35,7 +34,7 @@ def is_artifact(ref: str | Path) -> bool:
     return (Path(ref).expanduser() / FILENAME).is_file()
 
 
-def describe_flops(cfg: MambaConfig, config: PruneConfig, seq_len: int) -> dict:
+def describe_flops(cfg: Config, config: PruneConfig, seq_len: int) -> dict:
     """The analytic FLOPs of one sequence of `seq_len` tokens, dense and pruned: logits at every position in
     exit mode, at the last one in protect mode (as `flops-report --head last`)."""
     check_seq_len(config, cfg.n_layer, seq_len)
@@ -59,7 +58,7 @@ def _base_reference(ref: str) -> str:
     return str(path.resolve()) if path.is_dir() else ref
 
 
-def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: MambaConfig, seq_len: int = 2048,
+def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Config, seq_len: int = 2048,
                    overwrite: bool = False, **extra) -> Path:
     """Write `simba.yaml` into `target` (created if needed); the file is written whole or not at all."""
     target = Path(target)

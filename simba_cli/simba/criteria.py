@@ -12,13 +12,14 @@ a vector over channels d, equal to y_T(full) - y_T(u_t = 0) (the scan is linear 
     simba-abs    max_d |dy_T(t)[d]|
     simba-gated  max_d dy_T(t)[d] * silu(z_T)[d]   (including the output gate at T)
 S_t is a reverse exclusive cumulative sum and every exponent is <= 0 (A < 0, dt > 0), so the score is
-parallel over t and stable.
+parallel over t and stable. For a Mamba-2 (SSD) layer, whose scan inputs are `SSDScanInputs`, the same
+three variants come from `simba.criteria_ssd` (a scalar decay per head: the sum over N factors out).
 
 Baselines:
     random       uniform random scores, drawn per layer from the seed and each sequence's own tokens
     uniform      evenly spaced tokens (strided)
     recent       the most recent tokens (score = position)
-    dt-norm      ||dt_t||_2 over channels (as DeciMamba)
+    dt-norm      ||dt_t||_2 over channels (as DeciMamba); over heads for Mamba-2, whose dt is per head
     output-norm  sum over channels of the block output clipped at zero (as ToR / ToP-ViM)
 """
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 from simba_cli.errors import UserError
 from simba_cli.models.mamba import ScanInputs
+from simba_cli.models.mamba2 import SSDScanInputs
+from simba_cli.simba.criteria_ssd import ssd_score
 
 CRITERIA = ("simba", "simba-abs", "simba-gated", "random", "uniform", "recent", "dt-norm", "output-norm")
 NEEDS_SCAN = {"simba", "simba-abs", "simba-gated", "dt-norm"}
@@ -47,7 +50,7 @@ def check_criterion(name: str) -> str:
 class LayerView:
     """What a criterion may look at, for the tokens currently entering the layer above."""
 
-    scan: ScanInputs | None  # the layer's scan inputs (u, delta, A, B, C, ...), on its current tokens
+    scan: ScanInputs | SSDScanInputs | None  # the layer's scan inputs (u or x, dt, A, B, C, z), current tokens
     output: torch.Tensor  # (b, l, d) the layer's mixer output
     lengths: torch.Tensor  # (b,) real tokens per sequence
     keep: torch.Tensor  # (b,) how many tokens will be kept (used by `uniform`)
@@ -83,10 +86,15 @@ def simba_score_reference(u, dt, A, B, C, last_idx, absolute=False, gate_T=None)
     return scores.masked_fill(after, float("-inf"))
 
 
-def simba_score(scan: ScanInputs, lengths: torch.Tensor, variant: str = "simba") -> torch.Tensor:
-    """The Simba score of a layer's tokens, (b, l), by the fastest backend for the device."""
+def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant: str = "simba") -> torch.Tensor:
+    """The Simba score of a layer's tokens, (b, l), by the fastest backend for the device (Mamba-1), or by the
+    SSD formula (Mamba-2: cheap, one pass over x, no kernel needed)."""
     dt = scan.dt  # the scan's own step sizes, zero on padding
     last_idx = lengths - 1
+    if isinstance(scan, SSDScanInputs):
+        gated = variant == "simba-gated"  # the gate z at each last real token; ssd_score applies silu
+        z_T = scan.z[torch.arange(scan.z.shape[0], device=scan.z.device), last_idx] if gated else None
+        return ssd_score(scan.x, dt, scan.A, scan.B, scan.C, lengths, variant, z_T)
     gate_T = None
     if variant == "simba-gated":
         gate_T = F.silu(scan.z[torch.arange(scan.z.shape[0]), last_idx].float())

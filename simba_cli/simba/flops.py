@@ -17,6 +17,9 @@ Per position whose logits are computed: the final norm 4 d and the LM head 2 d V
 
 `analytic` counts from a schedule; `simba.pruned` counts the same terms from the tokens a real forward
 processed ("measured"), with `count_layer`, `count_criterion` and `count_head` below.
+
+Mamba-2 (SSD) layers have their own per-token terms (`simba.flops_ssd`); every function here takes either
+family's config and dispatches on its type, so the schedule, the measured counts and the tables are shared.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import math
 from dataclasses import asdict, dataclass
 
 from simba_cli.models.config import MambaConfig
+from simba_cli.models.mamba2 import Mamba2Config
+from simba_cli.simba import flops_ssd
 from simba_cli.simba.settings import mean_keep
 
+Config = MambaConfig | Mamba2Config
 
-def layer_flops_per_token(cfg: MambaConfig) -> dict[str, int]:
+
+def layer_flops_per_token(cfg: Config) -> dict[str, int]:
+    if isinstance(cfg, Mamba2Config):
+        return flops_ssd.layer_flops_per_token_ssd(cfg)
     d, di, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
     per_token = {
         "norm": 4 * d,
@@ -44,25 +53,29 @@ def layer_flops_per_token(cfg: MambaConfig) -> dict[str, int]:
     return per_token
 
 
-def count_layer(cfg: MambaConfig, tokens: int) -> int:
+def count_layer(cfg: Config, tokens: int) -> int:
     return tokens * sum(layer_flops_per_token(cfg).values())
 
 
-def criterion_flops_per_token(cfg: MambaConfig, criterion: str) -> int:
+def criterion_flops_per_token(cfg: Config, criterion: str) -> int:
+    if isinstance(cfg, Mamba2Config):
+        return flops_ssd.criterion_flops_per_token_ssd(cfg, criterion)
     if criterion.startswith("simba"):
         return 4 * cfg.d_inner * cfg.d_state + 4 * cfg.d_inner
     return {"dt-norm": 2 * cfg.d_inner, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
 
-def count_criterion(cfg: MambaConfig, criterion: str, tokens: int) -> int:
+def count_criterion(cfg: Config, criterion: str, tokens: int) -> int:
     return tokens * criterion_flops_per_token(cfg, criterion)
 
 
-def count_head(cfg: MambaConfig, positions: int) -> int:
+def count_head(cfg: Config, positions: int) -> int:
+    if isinstance(cfg, Mamba2Config):
+        return flops_ssd.count_head_ssd(cfg, positions)
     return positions * (4 * cfg.d_model + 2 * cfg.d_model * cfg.vocab_size)
 
 
-def dense_flops_per_token(cfg: MambaConfig) -> int:
+def dense_flops_per_token(cfg: Config) -> int:
     """Forward FLOPs per token of the dense model, logits at every position."""
     return count_layer(cfg, 1) * cfg.n_layer + count_head(cfg, 1)
 
@@ -129,7 +142,7 @@ def tokens_per_layer(keep_ratios: list[float], seq_len: int, min_tokens: int = 1
     return [min(seq_len, max(min_tokens, math.ceil(r * seq_len - 1e-9))) for r in keep_ratios]
 
 
-def analytic(cfg: MambaConfig, seq_len: int, keep_ratios: list[float] | None = None, criterion: str = "simba",
+def analytic(cfg: Config, seq_len: int, keep_ratios: list[float] | None = None, criterion: str = "simba",
              head_positions: int | None = None, min_tokens: int = 1) -> FlopsCount:
     """FLOPs of one sequence of `seq_len` tokens under a schedule (None: dense).
 

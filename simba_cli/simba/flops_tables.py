@@ -1,7 +1,8 @@
 """FLOPs tables and FLOPs matching for `simba flops-report` and `simba flops-match`, without weights.
 
-A model is named by an official size (mamba-130m, state-spaces/mamba-370m, ...-hf: the config is
-built in), a zoo name, a local directory or a pruned artifact; only its config is read.
+A model is named by an official size (mamba-130m, state-spaces/mamba-370m, ...-hf; mamba2-130m ...
+mamba2-2.7b: the config is built in), a zoo name, a local directory (Mamba-1 or Mamba-2) or a pruned
+artifact; only its config is read.
 
 Matching: a pruned model's FLOPs are a step function of final_keep (token counts are ceil(r_l L)) that
 rises with it, up to small dips where the criterion's own cost appears or vanishes (it runs only on a
@@ -18,25 +19,32 @@ from dataclasses import dataclass
 
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import read_config
-from simba_cli.models.config import MambaConfig, official_config
+from simba_cli.models.config import official_config
 from simba_cli.models.hub import resolve
-from simba_cli.simba.flops import analytic
+from simba_cli.simba.flops import Config, analytic
+from simba_cli.simba.flops_ssd import OFFICIAL_MAMBA2
 from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
 
 
-def model_config(ref: str) -> tuple[MambaConfig, PruneConfig | None]:
+def official(name: str) -> Config | None:
+    """The built-in config of an official Mamba-1 or Mamba-2 size (`mamba-130m`, `state-spaces/mamba2-370m`,
+    `...-hf`), or None."""
+    return official_config(name) or OFFICIAL_MAMBA2.get(name.split("/")[-1].removesuffix("-hf"))
+
+
+def model_config(ref: str) -> tuple[Config, PruneConfig | None]:
     """(architecture, the artifact's prune config or None) for a model reference, reading no weights."""
     from simba_cli.simba.artifact import is_artifact, read_artifact
 
     prune = None
     if is_artifact(ref):
         ref, prune, _ = read_artifact(ref)
-    if (cfg := official_config(ref)) is not None:
+    if (cfg := official(ref)) is not None:
         return cfg, prune
     return read_config(resolve(ref))[0], prune
 
 
-def flops(cfg: MambaConfig, config: PruneConfig, seq_len: int, head: str = "all"):
+def flops(cfg: Config, config: PruneConfig, seq_len: int, head: str = "all"):
     """Analytic FLOPs of one sequence. head: logits at "all" positions (perplexity) or the "last" one."""
     if head not in ("all", "last"):
         raise UserError(f"head must be all or last, got {head!r}")
@@ -48,7 +56,7 @@ def flops(cfg: MambaConfig, config: PruneConfig, seq_len: int, head: str = "all"
     return analytic(cfg, seq_len, ratios, config.criterion, head_positions=seq_len if head == "all" else 1)
 
 
-def summary_row(name: str, cfg: MambaConfig, config: PruneConfig, seq_len: int, head: str = "all") -> dict:
+def summary_row(name: str, cfg: Config, config: PruneConfig, seq_len: int, head: str = "all") -> dict:
     count = flops(cfg, config, seq_len, head)
     dense = flops(cfg, DENSE, seq_len, head).total
     return {
@@ -59,7 +67,7 @@ def summary_row(name: str, cfg: MambaConfig, config: PruneConfig, seq_len: int, 
     }
 
 
-def layer_rows(name: str, cfg: MambaConfig, config: PruneConfig, seq_len: int, head: str = "all") -> list[dict]:
+def layer_rows(name: str, cfg: Config, config: PruneConfig, seq_len: int, head: str = "all") -> list[dict]:
     count = flops(cfg, config, seq_len, head)
     return [{"model": name, "layer": i, "tokens_in": t, "keep": t / seq_len, "MFLOPs": f / 1e6,
              "criterion_MFLOPs": c / 1e6}
@@ -133,7 +141,7 @@ def match_final_keep(big: str, target: str, seq_len: int = 2048, base: PruneConf
     return Match(big, target, seq_len, head, goal, dense, True, lo, cost(lo), with_keep(lo))
 
 
-def _reachable_with(big_cfg: MambaConfig, target_cfg: MambaConfig, base: PruneConfig, seq_len: int,
+def _reachable_with(big_cfg: Config, target_cfg: Config, base: PruneConfig, seq_len: int,
                     head: str) -> list[str]:
     """The options of `flops-match` that would let some final_keep reach the target, each tried alone."""
     tries = []

@@ -14,6 +14,9 @@ win, and the reported tokens per layer say so.
 
 Batches are right-padded with `lengths`; every sequence keeps its own budget, gathered tensors are
 padded to the longest, and padding never enters a ranking.
+
+Any family's LM runs here (Mamba-1, Falcon-Mamba, Mamba-2): the blocks share one interface
+(`models.mamba.BlockLM`), the criteria dispatch on the scan inputs a layer reports, the FLOPs on the config.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
-from simba_cli.models.mamba import MambaLM
+from simba_cli.models.mamba import BlockLM
 from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, score, sequence_seeds
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
 from simba_cli.simba.settings import DENSE, PruneConfig
@@ -82,7 +85,7 @@ def _write_streams(exit_stream, stream, positions, lengths):
     exit_stream.scatter_(1, target[..., None].expand_as(stream), stream.to(exit_stream.dtype))
 
 
-def pruned_forward(model: MambaLM, input_ids: torch.Tensor, config: PruneConfig = DENSE, lengths=None,
+def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig = DENSE, lengths=None,
                    protected=None, final_state: bool = False, trace: bool = False) -> PrunedOutput:
     """Forward of `model` with Simba pruning: input_ids (b, L), right-padded to `lengths` (b,).
 
@@ -174,7 +177,7 @@ def pruned_forward(model: MambaLM, input_ids: torch.Tensor, config: PruneConfig 
 def pruned_prefill(config: PruneConfig):
     """A prefill function for `models.decode.generate`: Simba-pruned prompt, then recurrent decoding."""
 
-    def prefill(model: MambaLM, input_ids, lengths=None):
+    def prefill(model: BlockLM, input_ids, lengths=None):
         protect_mode = dataclasses.replace(config, mode="protect")
         out = pruned_forward(model, input_ids, protect_mode, lengths, final_state=True)
         # In protect mode without a protected set, the only logits row is each sequence's last token.
