@@ -71,8 +71,9 @@ class RecallMix:
     share: the share of rows that are recall documents (the rest are play windows);
     kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
     this list;
-    lead_steps: the first steps train retrieval alone: every row is packed with `shortest`-token recall
-    documents and the loss is on their answers only. Retrieval emerges late and suddenly, and only when the
+    lead_steps: the first steps train retrieval alone: every row is packed with `shortest`-token mqar
+    documents (the cleanest retrieval: one-token answers; pass keys join after the lead) and the loss is
+    on their answers only. Retrieval emerges late and suddenly, and only when the
     answers carry the loss: on a loss over every token, or one where the answers' mean loss is merely
     added, a 2-layer model was still at chance after 1500 steps, while on the answers alone it left chance
     at 700 steps (and kept improving when the language-modelling loss came in afterwards);
@@ -117,24 +118,26 @@ class RecallSampler:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def row(self, rng: random.Random, reach: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, rng: random.Random, reach: float = 1.0, kind: str | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """A training row of `length` tokens: one document, or (early in the curriculum, `reach` < 1)
-        several shorter ones of about max(shortest, reach * length) tokens, packed."""
+        several shorter ones of about max(shortest, reach * length) tokens, packed. `kind`: one kind only
+        (else drawn by the mix's weights)."""
         size = max(self.mix.shortest, int(reach * self.length))
         parts, left = [], self.length
         while left > 0:
             n = left if left < 2 * size else size
-            parts.append(self.document(rng, length=n))
+            parts.append(self.document(rng, length=n, kind=kind))
             left -= n
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def document(self, rng: random.Random, reach: float = 1.0, length: int | None = None
+    def document(self, rng: random.Random, reach: float = 1.0, length: int | None = None, kind: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (length,), answer mask (length,) bool). `reach` in (0, 1]: facts lie in the last `reach`
         share of the document before the queries."""
         mix = self.mix
         length = length or self.length
-        kind = rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
+        kind = kind or rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
         facts = draw_facts(kind, rng.choice(mix.pairs), rng)
         while True:  # a short document holds fewer facts: halve them until they fit
             queries = rng.sample(facts, len(facts))
