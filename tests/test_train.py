@@ -124,8 +124,9 @@ def test_two_gloo_processes_equal_one(data_file, tmp_path, pruned):
     one = subprocess.run([sys.executable, "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),
                           "--out", str(tmp_path / "one"), "--quiet"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29517 + pruned), "-m", "simba_cli.cli", "finetune",
+    # --standalone: a rendezvous on a free port, so two test suites on one machine never collide
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "simba_cli.cli", "finetune",
                           "--recipe", str(recipe), "--out", str(tmp_path / "two"), "--quiet"],
                          env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
