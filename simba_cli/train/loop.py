@@ -92,6 +92,7 @@ class LossFn:
 
     def __init__(self, recipe: Recipe):
         self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
+        self.answer_ce = float("nan")  # the last batch's mean loss on recall answers (for the log)
 
     def __call__(self, model, batch: torch.Tensor, answers: torch.Tensor | None = None,
                  parts: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, int]:
@@ -100,7 +101,7 @@ class LossFn:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         if self.prune is None:
             logits = model(inputs)
-            return _split_ce(logits, targets, answers, parts), targets.numel()
+            return self._split_ce(logits, targets, answers, parts), targets.numel()
         from simba_cli.simba.pruned import pruned_forward
 
         protected = None
@@ -111,20 +112,21 @@ class LossFn:
         # out.logits (b, P, V) at out.positions (b, P)
         tgt = torch.gather(targets, 1, out.positions)
         picked = None if answers is None else torch.gather(answers, 1, out.positions)
-        return _split_ce(out.logits, tgt, picked, parts), tgt.numel()
+        return self._split_ce(out.logits, tgt, picked, parts), tgt.numel()
 
-
-def _split_ce(logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor | None,
-              parts: tuple[float, float]) -> torch.Tensor:
-    if answers is None:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    is_answer = answers.flatten()
-    loss = ce.sum() * 0.0  # keeps the graph when a part is empty (a process whose rows hold no answers)
-    for weight, chosen in zip(parts, (~is_answer, is_answer)):
-        if weight and bool(chosen.any()):
-            loss = loss + weight * ce[chosen].mean()
-    return loss
+    def _split_ce(self, logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor | None,
+                  parts: tuple[float, float]) -> torch.Tensor:
+        if answers is None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        is_answer = answers.flatten()
+        loss = ce.sum() * 0.0  # keeps the graph when a part is empty (a process whose rows hold no answers)
+        for weight, chosen in zip(parts, (~is_answer, is_answer)):
+            if weight and bool(chosen.any()):
+                loss = loss + weight * ce[chosen].mean()
+        if bool(is_answer.any()):
+            self.answer_ce = float(ce[is_answer].detach().mean())
+        return loss
 
 
 class Objective(torch.nn.Module):
@@ -360,7 +362,8 @@ def train(run: Run, progress: bool = True) -> TrainState:
                 at.loss = loss.item()
                 if at.step % recipe.train.log_every == 0 or at.step == recipe.train.steps:
                     rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                    write_log({"step": at.step, "loss": at.loss, "lr": lr_at(at.step - 1, recipe),
+                    answer = {} if recall is None else {"answer_loss": run.loss_fn.answer_ce}
+                    write_log({"step": at.step, "loss": at.loss, **answer, "lr": lr_at(at.step - 1, recipe),
                                "tokens": at.tokens_seen, "tokens_per_s": rate, "elapsed_s": at.elapsed})
                     window_start, window_tokens = time.perf_counter(), 0
                     bar.update(completed=at.step, loss=at.loss, rate=rate)
