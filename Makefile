@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint compare compare-plays compare-full criteria zoo bench-core bench-simba bench-eval bench finetune-experiment clean
+.PHONY: setup test lint compare compare-plays compare-full criteria zoo zoo-m2 bench-core bench-simba bench-eval bench finetune-experiment clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,14 @@ zoo: $(STAMP)
 	  else $(SIMBA) finetune --recipe recipes/$$m.yaml --out $$run --resume --quiet || exit 1; fi; \
 	  $(BIN)/python -m simba_cli.eval.zoocard $$run || exit 1; \
 	done
+
+# A Mamba-2 rung beside zoo-m (about the same FLOPs per token, the same data and steps): trained and published
+# like each model of `make zoo` (resumable), but not part of the ladder that `simba compare` reads.
+zoo-m2: $(STAMP)
+	@run=runs/zoo/zoo-m2; \
+	if [ -f $$run/metrics.json ]; then echo "zoo-m2: trained"; \
+	else $(SIMBA) finetune --recipe recipes/zoo-m2.yaml --out $$run --resume --quiet || exit 1; fi; \
+	$(BIN)/python -m simba_cli.eval.zoocard $$run
 
 # The paper's fine-tuning experiment in miniature (zoo-m with Simba pruning active vs a dense control).
 finetune-experiment: $(STAMP)

@@ -5,8 +5,22 @@
     scan_fwd_bwd_speedup               forward+backward at l=512 vs autograd through the loop   target >= 10
     model_fwd_speedup_vs_transformers  a random mamba-130m-shaped model at l=1024 vs transformers'
                                        MambaForCausalLM with the same weights, tokens/s    target >= 3
+    mamba2_scan_fwd_speedup            the chunked SSD scan vs the reference loop (`ssd_scan_ref`), forward,
+                                       one mamba2-130m layer (b=1, l=2048, H=24, P=64, N=128, G=1, chunks
+                                       of 256), medians of rounds taken side by side         target >= 10
+    mamba2_model_fwd_speedup_vs_transformers
+                                       a random mamba2-130m-shaped Mamba2LM at l=1024 vs transformers'
+                                       Mamba2ForCausalLM (its pure-PyTorch path) with the same weights,
+                                       no grad, medians side by side                      target >= 3
+
+    python benchmarks/bench_core.py                    every key, full size, into results/core.json
+    python benchmarks/bench_core.py --only mamba2      the Mamba-2 keys, full size; core.json keeps the others
+    python benchmarks/bench_core.py --only mamba2 --tiny
+                                       the same code at tiny shapes, in seconds: prints, writes nothing
 """
 
+import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -14,12 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, write  # noqa: E402
+from common import best_of, medians_side_by_side, write  # noqa: E402
 
 from simba_cli.models.checkpoint import save_checkpoint  # noqa: E402
 from simba_cli.models.config import OFFICIAL  # noqa: E402
 from simba_cli.models.mamba import MambaLM  # noqa: E402
+from simba_cli.models.mamba2 import Mamba2LM, ssd_scan_chunked, ssd_scan_ref  # noqa: E402
 from simba_cli.ops.scan import selective_scan  # noqa: E402
+from simba_cli.simba.flops_ssd import OFFICIAL_MAMBA2  # noqa: E402
 
 
 def scan_inputs(l, d=1536, n=16, grad=False):
@@ -39,43 +55,117 @@ def fwd_bwd(backend, x):
     y.sum().backward()
 
 
-def main():
-    torch.manual_seed(0)
+def mamba1(tiny: bool) -> dict:
+    l_fwd, l_bwd, d, l_model = (256, 128, 128, 128) if tiny else (2048, 512, 1536, 1024)
     out = {}
-    x = scan_inputs(2048)
+    x = scan_inputs(l_fwd, d)
     with torch.no_grad():
         selective_scan(**x, delta_softplus=True, backend="cpu")  # compile
         ref = best_of(lambda: selective_scan(**x, delta_softplus=True, backend="ref"), 2)
         cpu = best_of(lambda: selective_scan(**x, delta_softplus=True, backend="cpu"), 5)
     out.update(scan_fwd_ref_s=ref, scan_fwd_cpu_s=cpu, scan_fwd_speedup=ref / cpu)
-    print(f"scan forward l=2048: reference {ref:.3f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x", flush=True)
+    print(f"scan forward l={l_fwd}: reference {ref:.3f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x", flush=True)
 
-    xg = scan_inputs(512, grad=True)
+    xg = scan_inputs(l_bwd, d, grad=True)
     fwd_bwd("cpu", xg)
     ref = best_of(lambda: fwd_bwd("ref", xg), 1)
     cpu = best_of(lambda: fwd_bwd("cpu", xg), 3)
     out.update(scan_fwd_bwd_ref_s=ref, scan_fwd_bwd_cpu_s=cpu, scan_fwd_bwd_speedup=ref / cpu)
-    print(f"scan forward+backward l=512: reference {ref:.2f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x", flush=True)
+    print(f"scan forward+backward l={l_bwd}: reference {ref:.2f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x",
+          flush=True)
 
     from transformers import MambaForCausalLM
 
-    model = MambaLM(OFFICIAL["mamba-130m"]).eval()
+    cfg = dataclasses.replace(OFFICIAL["mamba-130m"], n_layer=2) if tiny else OFFICIAL["mamba-130m"]
+    model = MambaLM(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = save_checkpoint(model, Path(tmp) / "hf", fmt="hf")
         hf = MambaForCausalLM.from_pretrained(str(hf_dir)).eval()
-    ids = torch.randint(0, 50000, (1, 1024))
+    ids = torch.randint(0, 50000, (1, l_model))
     with torch.no_grad():
         model(ids[:, :64])
         hf(ids[:, :64])
         ours = best_of(lambda: model(ids), 3)
         theirs = best_of(lambda: hf(ids), 2)
         diff = (model(ids) - hf(ids).logits[..., :model.cfg.vocab_size]).abs().max().item()
-    out.update(model_fwd_ours_s=ours, model_fwd_transformers_s=theirs, model_fwd_ours_tokens_per_s=1024 / ours,
-               model_fwd_transformers_tokens_per_s=1024 / theirs, model_fwd_speedup_vs_transformers=theirs / ours,
+    out.update(model_fwd_ours_s=ours, model_fwd_transformers_s=theirs, model_fwd_ours_tokens_per_s=l_model / ours,
+               model_fwd_transformers_tokens_per_s=l_model / theirs, model_fwd_speedup_vs_transformers=theirs / ours,
                model_fwd_max_logit_diff=diff)
-    print(f"mamba-130m forward l=1024: ours {ours:.2f} s, transformers {theirs:.2f} s, {theirs / ours:.2f}x "
-          f"(max logit difference {diff:.1e})")
-    write("core", out)
+    print(f"mamba-130m forward l={l_model}: ours {ours:.2f} s, transformers {theirs:.2f} s, {theirs / ours:.2f}x "
+          f"(max logit difference {diff:.1e})", flush=True)
+    return out
+
+
+def ssd_inputs(l, heads, head_dim, n, groups=1):
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(1, l, heads, head_dim, generator=g),
+                dt=torch.nn.functional.softplus(torch.randn(1, l, heads, generator=g) - 2),
+                A=-torch.rand(heads, generator=g) * 8 - 0.5, B=torch.randn(1, l, groups, n, generator=g),
+                C=torch.randn(1, l, groups, n, generator=g), D=torch.randn(heads, generator=g))
+
+
+def mamba2(tiny: bool) -> dict:
+    official = OFFICIAL_MAMBA2["mamba2-130m"]  # H = 24 heads of P = 64, N = 128, G = 1, chunks of 256
+    if tiny:
+        l_scan, shape, chunk, l_model = 256, dict(heads=4, head_dim=16, n=16), 64, 128
+        cfg = dataclasses.replace(official, n_layer=2)
+    else:
+        l_scan, chunk, l_model, cfg = 2048, official.chunk_size, 1024, official
+        shape = dict(heads=official.n_heads, head_dim=official.head_dim, n=official.d_state)
+    out = {}
+    x = ssd_inputs(l_scan, **shape)
+    with torch.no_grad():
+        diff = (ssd_scan_ref(**x) - ssd_scan_chunked(**x, chunk_size=chunk)).abs().max().item()
+        t = medians_side_by_side({"ref": lambda: ssd_scan_ref(**x),
+                                  "chunked": lambda: ssd_scan_chunked(**x, chunk_size=chunk)}, 3)
+    ref, chunked = t["ref"], t["chunked"]
+    out.update(mamba2_scan_fwd_ref_s=ref, mamba2_scan_fwd_chunked_s=chunked, mamba2_scan_fwd_speedup=ref / chunked,
+               mamba2_scan_fwd_chunk_size=chunk, mamba2_scan_fwd_max_diff=diff)
+    print(f"SSD scan forward l={l_scan}: reference {ref:.3f} s, chunked (Q={chunk}) {chunked:.4f} s, "
+          f"{ref / chunked:.1f}x (max difference {diff:.1e})", flush=True)
+
+    from transformers import Mamba2ForCausalLM
+
+    model = Mamba2LM(cfg)
+    model.reset_parameters(seed=0)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = save_checkpoint(model, Path(tmp) / "hf", fmt="hf")
+        hf = Mamba2ForCausalLM.from_pretrained(str(hf_dir)).eval()
+    ids = torch.randint(0, 50000, (1, l_model))
+    with torch.no_grad():
+        model(ids[:, :64])
+        hf(ids[:, :64], use_cache=False)
+        t = medians_side_by_side({"ours": lambda: model(ids), "theirs": lambda: hf(ids, use_cache=False)}, 3)
+        diff = (model(ids) - hf(ids, use_cache=False).logits[..., :cfg.vocab_size]).abs().max().item()
+    ours, theirs = t["ours"], t["theirs"]
+    out.update(mamba2_model_fwd_ours_s=ours, mamba2_model_fwd_transformers_s=theirs,
+               mamba2_model_fwd_ours_tokens_per_s=l_model / ours,
+               mamba2_model_fwd_transformers_tokens_per_s=l_model / theirs,
+               mamba2_model_fwd_speedup_vs_transformers=theirs / ours, mamba2_model_fwd_max_logit_diff=diff)
+    name = "mamba2-130m" + (f" ({cfg.n_layer} layers)" if tiny else "")
+    print(f"{name} forward l={l_model}: ours {ours:.2f} s, transformers {theirs:.2f} s, {theirs / ours:.2f}x "
+          f"(max logit difference {diff:.1e})", flush=True)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["mamba", "mamba2"], help="only this family's keys (results/core.json "
+                                                                    "keeps the others' figures)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, seconds: a check that the benchmark runs; "
+                                                            "prints its figures and writes nothing")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = {}
+    if args.only in (None, "mamba"):
+        out.update(mamba1(args.tiny))
+    if args.only in (None, "mamba2"):
+        out.update(mamba2(args.tiny))
+    if args.tiny:
+        print(f"tiny shapes: {len(out)} figures, not written")
+        return
+    write("core", out, update=args.only is not None)
 
 
 if __name__ == "__main__":

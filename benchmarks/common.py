@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -22,11 +23,26 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def write(name: str, figures: dict) -> Path:
+def medians_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
+    """The median time of each of `fns` (name -> callable) over `repeats` rounds, in seconds; the functions take
+    turns within each round, so that all of them see the same machine."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(best_of(fn, 1))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def write(name: str, figures: dict, update: bool = False) -> Path:
+    """results/<name>.json with `figures`; `update` keeps the figures of an earlier run that this one did not
+    measure (a run of some of a benchmark's keys)."""
     from simba_cli.provenance import provenance
 
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
+    if update and path.is_file():
+        earlier = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "provenance")}
+        figures = {**earlier, **figures}
     body = {**figures, "machine": {"cpu": platform.processor() or platform.machine(),
                                    "threads": torch.get_num_threads()}, "provenance": provenance()}
     path.write_text(json.dumps(body, indent=2) + "\n")

@@ -362,7 +362,7 @@ def finetune_cmd(
 
 @command("zoo")
 def zoo_cmd(json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False):
-    """List the embedded tiny models: size, FLOPs per token, held-out perplexity."""
+    """List the embedded tiny models: family, size, FLOPs per token, held-out perplexity."""
     from simba_cli.models import zoo
     from simba_cli.report.tables import print_table
 
@@ -372,7 +372,7 @@ def zoo_cmd(json_out: Annotated[bool, typer.Option("--json", help="Print JSON")]
         return
     if not rows:
         raise UserError("the zoo is empty in this installation; train it with `make zoo`")
-    print_table([{"model": r["name"], "params": r["params"], "FLOPs/token": r["flops_per_token"],
+    print_table([{"model": r["name"], "family": r["family"], "params": r["params"], "FLOPs/token": r["flops_per_token"],
                   "ppl@128": r["ppl_ctx128"], "ppl@1024": r["ppl_ctx1024"], "passkey": r["passkey_acc"],
                   "train (s)": r["train_time_s"]} for r in rows],
                 title="simba zoo (Shakespeare with recall documents, byte-level BPE)")

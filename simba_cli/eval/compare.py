@@ -47,7 +47,7 @@ LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per
 class CompareSpec:
     """A comparison: the YAML recipe (recipes/compare.yaml) is its single source of truth."""
 
-    models: list[str] = field(default_factory=list)  # empty: every zoo model, smallest first
+    models: list[str] = field(default_factory=list)  # empty: the zoo's Mamba-1 ladder, smallest first
     tasks: list[str] = field(default_factory=lambda: ["simba_passkey_exact", "simba_mqar", "simba_choice"])
     limit: int | None = 24
     schedule: str = "linear"
@@ -71,7 +71,7 @@ class CompareSpec:
         if not self.models:
             from simba_cli.models import zoo
 
-            if not zoo.names():
+            if not zoo.names("mamba"):
                 raise UserError("no models to compare: the zoo is empty (train it with `make zoo`); give --models")
         if not self.tasks and not self.ppl_contexts:
             raise UserError("compare needs tasks or perplexity contexts")
@@ -170,7 +170,7 @@ def setup(spec: CompareSpec) -> Plan:
     from simba_cli.models import zoo
     from simba_cli.simba.flops_tables import model_config
 
-    models = spec.models or zoo.names()
+    models = spec.models or zoo.names("mamba")
     for name in models:
         model_config(name)  # a one-line error for a model that does not exist
     settings = {name: settings_for(spec, name, models[i - 1] if i else None) for i, name in enumerate(models)}

@@ -1,5 +1,6 @@
 """What `simba zoo` shows of each model, measured once after training (`make zoo` runs it):
 
+    family                    mamba or mamba2, from the published config.json
     ppl_ctx128, ppl_ctx1024   held-out perplexity of the last 32 tokens of 32 windows of the evaluation
                               plays, with 128 and with 1024 tokens of context (the PG-19 protocol):
                               a model that uses its context has the second lower
@@ -25,6 +26,7 @@ CONTEXTS = (128, 1024)
 def measure(model_dir: str | Path, length: int | None = None, score_last: int = 32, windows: int = 32) -> dict:
     from simba_cli.eval.perplexity import long_context_perplexity, token_stream
     from simba_cli.eval.tasks import PASSKEY_LENGTHS, build_tasks
+    from simba_cli.models.checkpoint import family
     from simba_cli.simba.runner import ModelRunner
     from simba_cli.simba.settings import DENSE
 
@@ -35,7 +37,7 @@ def measure(model_dir: str | Path, length: int | None = None, score_last: int = 
     length = max([n for n in PASSKEY_LENGTHS if n <= length] or [PASSKEY_LENGTHS[0]])
     rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer), DENSE, CONTEXTS, score_last,
                                    windows, 8, runner.device)
-    card = {f"ppl_ctx{r['context']}": r["ppl"] for r in rows}
+    card = {"family": family(runner.model.cfg), **{f"ppl_ctx{r['context']}": r["ppl"] for r in rows}}
     docs = [json.loads(line) for line in (build_tasks() / "simba_passkey.jsonl").read_text().splitlines()]
     docs = [d for d in docs if d["length"] == length]
     by_depth: dict[str, list[bool]] = {}

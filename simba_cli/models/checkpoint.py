@@ -63,6 +63,13 @@ def read_config(directory: Path) -> tuple[MambaConfig | Mamba2Config, str]:
     raise UserError(f"{path} is neither a mamba-ssm nor a Hugging Face Mamba config (no d_model or hidden_size)")
 
 
+def family(cfg: MambaConfig | Mamba2Config) -> str:
+    """The family of a model config, as recipes and `simba zoo` name it: mamba, falcon-mamba or mamba2."""
+    if isinstance(cfg, Mamba2Config):
+        return "mamba2"
+    return "falcon-mamba" if cfg.bcdt_rms else "mamba"
+
+
 def empty_model(cfg: MambaConfig | Mamba2Config) -> BlockLM:
     """The LM of `cfg`'s family on the meta device: no memory and no init, every tensor to come from a checkpoint."""
     with torch.device("meta"):

@@ -271,7 +271,10 @@ class Mamba2Block(Block):
 
 
 class Mamba2LM(BlockLM):
-    """Mamba-2 LM. State-dict keys are mamba-ssm's (`backbone.embedding`, `backbone.layers.i.mixer...`)."""
+    """Mamba-2 LM. State-dict keys are mamba-ssm's (`backbone.embedding`, `backbone.layers.i.mixer...`).
+
+    Built with PyTorch's default initialisation (and A_log = dt_bias = 0), for weights that a checkpoint
+    supplies; `reset_parameters` gives a model to train from scratch."""
 
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
@@ -281,4 +284,38 @@ class Mamba2LM(BlockLM):
         self.backbone.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.backbone.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def reset_parameters(self, seed: int | None = None, dt_min: float = 1e-3, dt_max: float = 0.1,
+                         a_range: tuple[float, float] = (1.0, 16.0)):
+        """mamba-ssm's initialisation of a Mamba-2: dt log-uniform in [dt_min, dt_max] (its bias the inverse
+        softplus), A_h uniform in `a_range` (A_log = log A_h), D = 1, linear and conv layers PyTorch's default
+        (linear biases zero), the embedding normal with std 0.02, norms 1, and each out_proj scaled by
+        1/sqrt(n_layer) (GPT-2's residual rescaling, as `MambaLM.reset_parameters`)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg = self.cfg
+        with torch.no_grad():
+            nn.init.normal_(self.backbone.embedding.weight, std=0.02, generator=gen)
+            for block in self.layers:
+                m = block.mixer
+                for lin in (m.in_proj, m.out_proj):
+                    nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=gen)
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+                m.out_proj.weight /= math.sqrt(cfg.n_layer)
+                nn.init.kaiming_uniform_(m.conv1d.weight, a=math.sqrt(5), generator=gen)
+                if m.conv1d.bias is not None:
+                    bound = 1 / math.sqrt(cfg.d_conv)  # fan-in of a depthwise filter
+                    nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=gen)
+                dt = torch.exp(torch.rand(cfg.n_heads, generator=gen) * (math.log(dt_max) - math.log(dt_min))
+                               + math.log(dt_min)).clamp(min=1e-4)
+                m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+                low, high = a_range
+                m.A_log.copy_(torch.log(low + (high - low) * torch.rand(cfg.n_heads, generator=gen)))
+                m.D.fill_(1.0)
+                m.norm.weight.fill_(1.0)
+                block.norm.weight.fill_(1.0)
+            self.backbone.norm_f.weight.fill_(1.0)
+            if not cfg.tie_embeddings:
+                nn.init.kaiming_uniform_(self.lm_head.weight, a=math.sqrt(5), generator=gen)
         self.tie_weights()

@@ -1,4 +1,4 @@
-"""`finetune`: train a Mamba LM from scratch or continue one, optionally with Simba pruning active.
+"""`finetune`: train a Mamba LM (Mamba-1 or Mamba-2) from scratch or continue one, optionally with Simba pruning active.
 
 A run directory holds:
     recipe.yaml        the resolved recipe (the single source of truth of the run)
@@ -36,12 +36,13 @@ from simba_cli.errors import Interrupted, UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.loading import resolve_device
-from simba_cli.models.mamba import MambaLM
+from simba_cli.models.mamba import BlockLM, MambaLM
+from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM
 from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.train import checkpoint as ckpt
-from simba_cli.train.recipe import Recipe, load_recipe
+from simba_cli.train.recipe import ModelSpec, Recipe, load_recipe
 
 
 @dataclass
@@ -78,7 +79,7 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer(model: MambaLM, recipe: Recipe) -> torch.optim.Optimizer:
+def _optimizer(model: BlockLM, recipe: Recipe) -> torch.optim.Optimizer:
     # Weight decay on matrices only; never on A_log, D, biases or norms (as mamba-ssm).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -133,7 +134,7 @@ class Objective(torch.nn.Module):
     """The training loss as a module, so that DistributedDataParallel wraps the whole computation, the
     pruned forward included, and synchronises its gradients."""
 
-    def __init__(self, model: MambaLM, loss_fn: LossFn):
+    def __init__(self, model: BlockLM, loss_fn: LossFn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
@@ -143,7 +144,7 @@ class Objective(torch.nn.Module):
 
 
 @torch.no_grad()
-def add_dropout(model: MambaLM, p: float) -> list:
+def add_dropout(model: BlockLM, p: float) -> list:
     """Dropout on the embeddings and on every mixer's output, in train mode only (GPT-2's embedding and
     residual dropout). The zoo models see their small corpus several times over; this regularises them.
     Forward hooks, so the architecture and the saved model stay plain Mamba. Returns the hook handles."""
@@ -195,12 +196,20 @@ def _start_model(recipe: Recipe, init_from: str | None, device):
     tokenizer = cached_bpe(docs, recipe.tokenizer.vocab_size)
     vocab = len(tokenizer)
     vocab += (-vocab) % 8  # pad like mamba-ssm
-    m = recipe.model
-    cfg = MambaConfig(d_model=m.d_model, n_layer=m.n_layer, vocab_size=vocab, d_state=m.d_state, expand=m.expand,
-                      d_conv=m.d_conv)
-    model = MambaLM(cfg, init=False)
+    model = new_model(recipe.model, vocab)
     model.reset_parameters(seed=recipe.train.seed)
     return model.to(device).train(), tokenizer, None
+
+
+def new_model(spec: ModelSpec, vocab_size: int) -> BlockLM:
+    """The recipe's architecture, uninitialised: a MambaLM, or a Mamba2LM for `family: mamba2` (embeddings tied
+    to the LM head in both)."""
+    shared = dict(d_model=spec.d_model, n_layer=spec.n_layer, vocab_size=vocab_size, d_state=spec.d_state,
+                  expand=spec.expand, d_conv=spec.d_conv, tie_embeddings=True)
+    if spec.family == "mamba2":
+        return Mamba2LM(Mamba2Config(**shared, head_dim=spec.head_dim, n_groups=spec.n_groups,
+                                     chunk_size=spec.chunk_size))
+    return MambaLM(MambaConfig(**shared), init=False)
 
 
 @dataclass
@@ -211,7 +220,7 @@ class Run:
     out: Path
     device: torch.device
     dd: Dist
-    model: MambaLM
+    model: BlockLM
     tokenizer: object
     loss_fn: LossFn
     train_stream: torch.Tensor

@@ -2,6 +2,7 @@
 
     name: zoo-m
     model:            # architecture, to train from scratch (leave out to continue a given model)
+      family: mamba   # or mamba2 (SSD); see ModelSpec for each family's keys
       d_model: 128
       n_layer: 8
     tokenizer:        # for a model from scratch: a byte-level BPE trained on the training split
@@ -47,14 +48,55 @@ from simba_cli.errors import UserError
 from simba_cli.simba.settings import PruneConfig
 from simba_cli.typed import build
 
+FAMILIES = ("mamba", "mamba2")
+MAMBA2_ONLY = ("head_dim", "n_groups", "chunk_size")  # keys of Mamba2Config that Mamba-1 has no use for
+
 
 @dataclass
 class ModelSpec:
+    """The architecture to train from scratch: `family` mamba (Mamba-1, `models.config.MambaConfig`) or mamba2
+    (SSD, `models.mamba2_config.Mamba2Config`). Both take d_model, n_layer, d_state, expand and d_conv; mamba2
+    also head_dim, n_groups and chunk_size. A key left out takes its family's default (d_state: 16 for mamba,
+    128 for mamba2; head_dim 64, n_groups 1, chunk_size 256)."""
+
     d_model: int
     n_layer: int
-    d_state: int = 16
+    family: str = "mamba"
+    d_state: int | None = None
     expand: int = 2
     d_conv: int = 4
+    head_dim: int | None = None
+    n_groups: int | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UserError(f"family must be mamba or mamba2, got {self.family!r}")
+        if self.family == "mamba":
+            given = [k for k in MAMBA2_ONLY if getattr(self, k) is not None]
+            if given:
+                raise UserError(f"{given[0]} is a Mamba-2 key; set family: mamba2, or leave {given[0]} out")
+        defaults = {"d_state": 16} if self.family == "mamba" else \
+            {"d_state": 128, "head_dim": 64, "n_groups": 1, "chunk_size": 256}
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        for key in ("d_model", "n_layer", "d_state", "expand", "d_conv", *MAMBA2_ONLY):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"{key} must be a positive integer, got {value!r}")
+        if self.family == "mamba2":
+            d_inner = self.expand * self.d_model
+            if d_inner % self.head_dim:
+                raise UserError(f"head_dim {self.head_dim} does not divide expand × d_model = {d_inner}")
+            if (d_inner // self.head_dim) % self.n_groups:
+                raise UserError(f"n_groups {self.n_groups} does not divide the {d_inner // self.head_dim} heads "
+                                f"(expand × d_model / head_dim)")
+
+    def to_dict(self) -> dict:
+        """The keys that apply to the family (a Mamba-1 spec has no Mamba-2 keys)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {"family": d.pop("family"), **d}
 
 
 @dataclass
@@ -137,6 +179,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if self.model is not None:
+            d["model"] = self.model.to_dict()
         d["optim"]["betas"] = list(self.optim.betas)
         return d
 
