@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 SIMBA := $(BIN)/simba
 STAMP := $(VENV)/.installed
-ZOO := zoo-xs zoo-s zoo-m zoo-l zoo-xl
+ZOO := zoo-xxxs zoo-xxs zoo-xs zoo-s zoo-m
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
