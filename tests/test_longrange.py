@@ -80,7 +80,7 @@ def test_curriculum_packs_short_documents_first(marked_corpus, tmp_path):
 
 def test_the_lead_trains_answers_alone_then_the_answers_mean_is_added(marked_corpus, tmp_path):
     folder, _ = marked_corpus
-    recipe = _recipe(folder, share=0.0, lead_steps=2, answer_loss=3.0)
+    recipe = _recipe(folder, share=0.0, lead_steps=2, lead_len=200, answer_loss=3.0)
     run = loop.setup(recipe, tmp_path / "run", None, False, False, "cpu")
     from simba_cli.data.tokens import BatchSampler
 
@@ -88,6 +88,7 @@ def test_the_lead_trains_answers_alone_then_the_answers_mean_is_added(marked_cor
     sampler = BatchSampler(run.train_stream, 256, 4, 0, RecallSampler(run.tokenizer, run.train_stream, 257, mix))
     assert mix.leading(sampler.draws)
     lead_batch, lead_answers = sampler.next()
+    assert lead_batch.shape == (4, 201) and lead_answers.shape == (4, 200)  # the lead's shorter rows
     # in the lead every row is packed with short recall documents, though share is 0
     lead_text = [run.tokenizer.decode(row.tolist()) for row in lead_batch]
     assert all(t.count("Recall:") >= 2 and "pass key" not in t for t in lead_text)  # mqar documents only
@@ -199,3 +200,14 @@ def test_recall_accuracy_counts_whole_answers(marked_corpus, tmp_path):
     assert recall_accuracy(oracle, docs) == {"recall_token_acc": 1.0, "recall_acc": 1.0}
     spoiled = recall_accuracy(lambda x: oracle(x, True), docs)
     assert spoiled["recall_acc"] == 0.0 and 0.4 < spoiled["recall_token_acc"] < 1.0
+
+
+def test_every_key_and_value_is_one_token_of_the_zoo_tokenizer():
+    """Answers are one token (a query is answered by one greedy step); the facts' keys too."""
+    from simba_cli.data.bpe import cached_bpe
+    from simba_cli.data.longrange import PASSKEY_VALUES
+
+    tokenizer = cached_bpe(corpus.load_texts("shakespeare", "train"), 2048)  # the zoo recipes' tokenizer
+    words = KEYS + VALUES + PASSKEY_VALUES
+    assert len(set(words)) == len(words) and len(PASSKEY_VALUES) == len(VALUES) == 32
+    assert [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) != 1] == []

@@ -10,11 +10,12 @@ One format serves training and evaluation, so that a model trained on it knows w
     Recall: the crown is gentle.           queries at the end, one per line
     Recall: the sword is noble.
 
-    passkey   one fact, "the pass key is 48213" (a five-digit number): retrieval at a chosen depth
+    passkey   one fact, "the pass key is sorrow" (a made-up key, a noun): retrieval at a chosen depth
     mqar      K facts with one-token keys and values (the Zoology setting, in words), K queries
 
-Keys and values are words that are single tokens of the embedded zoo's tokenizer, so a query's answer
-is one token (passkey: six, a space and five digits). Training documents are assembled from token
+Keys and values are words that are single tokens of the embedded zoo's tokenizer, so every answer is
+one token. (Five-digit pass keys, a six-token answer copied digit by digit, stayed at 0% exact match
+within the zoo's training budget, while one-token retrieval emerged.) Training documents are assembled from token
 pieces cut out of the training plays (`RecallSampler`); evaluation documents are text built from the
 evaluation plays (`eval.tasks`). Neither reads the other's plays.
 
@@ -37,6 +38,9 @@ heaven grave letter music oath deed name heart soul blood body head hand face to
 truth virtue honour fortune nature death life love grace faith""".split())
 VALUES = tuple("""good fair true false sweet dead poor rich strong proud happy holy noble gentle strange cold
 young wise kind foul dear free great high quick sick royal honest bloody little sure worthy""".split())
+PASSKEY_VALUES = tuple("""arms breath business charge company country danger daughter dream enemy friend grief
+ground home hope hour land matter mistress news people place purpose reason service shame sight sleep sorrow
+spirit word youth""".split())
 PASSKEY = "pass key"
 KINDS = ("passkey", "mqar")
 
@@ -54,7 +58,7 @@ def answer_text(value: str) -> str:
 
 
 def passkey_value(rng: random.Random) -> str:
-    return str(rng.randrange(10000, 100000))
+    return rng.choice(PASSKEY_VALUES)
 
 
 def draw_facts(kind: str, n_pairs: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -73,7 +77,9 @@ class RecallMix:
     this list;
     lead_steps: the first steps train retrieval alone: every row is packed with `shortest`-token mqar
     documents (the cleanest retrieval: one-token answers; pass keys join after the lead) and the loss is
-    on their answers only. Retrieval emerges late and suddenly, and only when the
+    on their answers only; the lead's rows are `lead_len` tokens (its documents are short anyway, and
+    retrieval emerged after about as many steps with 32 documents a step as with 64, so short rows make
+    the lead cheap). Retrieval emerges late and suddenly, and only when the
     answers carry the loss: on a loss over every token, or one where the answers' mean loss is merely
     added, a 2-layer model was still at chance after 1500 steps, while on the answers alone it left chance
     at 700 steps (and kept improving when the language-modelling loss came in afterwards);
@@ -87,6 +93,7 @@ class RecallMix:
     mqar: float = 0.5
     pairs: tuple[int, ...] = (4, 8, 16)
     lead_steps: int = 0
+    lead_len: int = 512
     curriculum_steps: int = 0
     shortest: int = 96
     answer_loss: float = 1.0
@@ -118,13 +125,14 @@ class RecallSampler:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def row(self, rng: random.Random, reach: float = 1.0, kind: str | None = None
+    def row(self, rng: random.Random, reach: float = 1.0, kind: str | None = None, length: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training row of `length` tokens: one document, or (early in the curriculum, `reach` < 1)
-        several shorter ones of about max(shortest, reach * length) tokens, packed. `kind`: one kind only
-        (else drawn by the mix's weights)."""
-        size = max(self.mix.shortest, int(reach * self.length))
-        parts, left = [], self.length
+        """A training row of `length` tokens (default the sampler's): one document, or (early in the
+        curriculum, `reach` < 1) several shorter ones of about max(shortest, reach * length) tokens, packed.
+        `kind`: one kind only (else drawn by the mix's weights)."""
+        length = length or self.length
+        size = max(self.mix.shortest, int(reach * length))
+        parts, left = [], length
         while left > 0:
             n = left if left < 2 * size else size
             parts.append(self.document(rng, length=n, kind=kind))

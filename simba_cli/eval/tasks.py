@@ -9,10 +9,10 @@
                   name among four from the same play (acc, acc_norm). Keeping only recent tokens cannot
                   solve it: the answer is only far back.
     simba_recall_long   the same in passages of about 2,000 tokens
-    simba_passkey       a pass key (five digits) stated once at depth d in {0, 0.25, 0.5, 0.75, 1} of a
+    simba_passkey       a pass key (a one-token noun) stated once at depth d in {0, 0.25, 0.5, 0.75, 1} of a
                         passage of L in {256, 512, 1024, 2048} tokens, asked for at the end: pick it among
                         five keys (acc)
-    simba_passkey_exact the same documents, scored by greedy exact match of all five digits (acc)
+    simba_passkey_exact the same documents, scored by greedy exact match of the key (acc)
     simba_mqar          multi-query associative recall in words (data.longrange): K in {4, 8, 16} facts
                         "the <key> is <value>" spread through a passage of 512 or 1024 tokens, queries at
                         the end, earlier ones answered; greedy exact match of the one-token value (acc)
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from simba_cli.errors import UserError
 
-VERSION = 3  # bump whenever the examples change
+VERSION = 4  # bump whenever the examples change
 TASKS = ("simba_cloze", "simba_choice", "simba_recall")
 LONG_RANGE = ("simba_recall_long", "simba_passkey", "simba_passkey_exact", "simba_mqar")
 ALL_TASKS = TASKS + LONG_RANGE

@@ -344,7 +344,6 @@ def train(run: Run, progress: bool = True) -> TrainState:
 
     bar = Bar(progress and dd.main, recipe.train.steps, "train", ("loss {task.fields[loss]:.3f}",
               "{task.fields[rate]:,.0f} tok/s"), start=at.step, loss=float("nan"), rate=0.0)
-    tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     try:
         with bar:
@@ -365,9 +364,10 @@ def train(run: Run, progress: bool = True) -> TrainState:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 optimizer.step()
                 at.step += 1
-                at.tokens_seen += tokens_per_step
+                tokens = (batch.shape[1] - 1) * recipe.train.batch_size  # the lead's rows are shorter
+                at.tokens_seen += tokens
                 at.elapsed += time.perf_counter() - t0
-                window_tokens += tokens_per_step
+                window_tokens += tokens
                 at.loss = loss.item()
                 if at.step % recipe.train.log_every == 0 or at.step == recipe.train.steps:
                     rate = window_tokens / max(1e-9, time.perf_counter() - window_start)

@@ -16,6 +16,7 @@
         mqar: 0.5
         pairs: [4, 8, 16]          # facts per mqar document
         lead_steps: 800            # first, retrieval alone: short recall rows, loss on answers only
+        lead_len: 512              # the lead's rows, in tokens
         curriculum_steps: 1000     # then facts placed ever further back over these steps
         answer_loss: 1.0           # loss = mean over other tokens + answer_loss * mean over answers
     optim:
@@ -172,6 +173,7 @@ class Recipe:
                 (mix.answer_loss >= 0, "data.recall.answer_loss must be >= 0"),
                 (mix.lead_steps >= 0 and mix.curriculum_steps >= 0,
                  "data.recall.lead_steps and .curriculum_steps must be >= 0"),
+                (mix.lead_len >= mix.shortest, "data.recall.lead_len must be at least data.recall.shortest"),
             ]
         for ok, message in checks:
             if not ok:
