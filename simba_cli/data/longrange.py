@@ -75,18 +75,17 @@ class RecallMix:
     share: the share of rows that are recall documents (the rest are play windows);
     kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
     this list;
-    lead_steps: the first steps train retrieval alone: every row is packed with `shortest`-token mqar
-    documents (the cleanest retrieval: one-token answers; pass keys join after the lead) and the loss is
-    on their answers only; the lead's rows are `lead_len` tokens (its documents are short anyway, and
-    retrieval emerged after about as many steps with 32 documents a step as with 64, so short rows make
-    the lead cheap). Retrieval emerges late and suddenly, and only when the
-    answers carry the loss: on a loss over every token, or one where the answers' mean loss is merely
-    added, a 2-layer model was still at chance after 1500 steps, while on the answers alone it left chance
-    at 700 steps (and kept improving when the language-modelling loss came in afterwards);
-    curriculum_steps: after the lead, documents grow from `shortest` tokens (several packed into one
-    row) to a whole row over these steps (facts placed ever further back);
-    answer_loss: after the lead, the loss is the mean over every other token plus answer_loss times the
-    mean over the answer tokens (so the answers' share does not shrink with the rows' length)."""
+    lead_steps: the first steps train retrieval alone: every row is recall documents and the loss is on
+    their answers only. Retrieval emerges late and suddenly, and only when the answers carry the loss: on
+    a loss over every token, or one where the answers' mean loss is merely added, a 2-layer model was
+    still at chance after 1500 steps, while on the answers alone it left chance at 700 steps (and kept
+    improving when the language-modelling loss came in afterwards). While the documents are short, the
+    lead's rows are `lead_len` tokens (at least four documents each), which makes its start cheap;
+    curriculum_from, curriculum_steps: documents are `shortest` tokens (several packed into one row) until
+    step curriculum_from, then grow to a whole row over curriculum_steps (facts placed ever further back),
+    in the lead or after it;
+    answer_loss: after the lead, the loss is the mean over every other token plus answer_loss
+    times the mean over the answer tokens (so the answers' share does not shrink with the rows' length)."""
 
     share: float = 0.5
     passkey: float = 0.5
@@ -94,6 +93,7 @@ class RecallMix:
     pairs: tuple[int, ...] = (4, 8, 16)
     lead_steps: int = 0
     lead_len: int = 512
+    curriculum_from: int = 0
     curriculum_steps: int = 0
     shortest: int = 96
     answer_loss: float = 1.0
@@ -104,10 +104,13 @@ class RecallMix:
 
     def reach_at(self, step: int) -> float:
         """The curriculum: the share of a row one document fills at a training step (0: `shortest`)."""
-        if self.leading(step):
-            return 0.0
         steps = self.curriculum_steps
-        return 1.0 if steps <= 0 else min(1.0, (step - self.lead_steps) / steps)
+        return 1.0 if steps <= 0 else min(1.0, max(0, step - self.curriculum_from) / steps)
+
+    def lead_row_len(self, step: int, seq_len: int) -> int:
+        """The length of the lead's rows at `step`: `lead_len`, or longer to hold four documents."""
+        size = max(self.shortest, int(self.reach_at(step) * seq_len))
+        return min(seq_len, max(self.lead_len, 4 * size))
 
 
 class RecallSampler:

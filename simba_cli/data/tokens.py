@@ -39,7 +39,7 @@ class BatchSampler:
     def next(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This process's rows of the next global batch, (batch_size // world, seq_len + 1), and which
         targets are recall answers, (batch_size // world, seq_len) bool (None without recall documents).
-        In the recall mix's lead steps every row is a row of mqar documents, `lead_len` + 1 tokens long."""
+        In the recall mix's lead steps every row is recall documents (shorter rows while they are short)."""
         starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.batch_size,),
                                generator=self.generator)
         rows = [self.stream[s:s + self.seq_len + 1] for s in starts.tolist()]
@@ -51,14 +51,14 @@ class BatchSampler:
             chosen = torch.rand(self.batch_size, generator=self.generator) < mix.share
             leading = mix.leading(self.draws)
             seeds = torch.randint(0, 2**62, (self.batch_size,), generator=self.generator).tolist()
-            reach, kind = mix.reach_at(self.draws), "mqar" if leading else None
-            length = min(mix.lead_len, self.seq_len) if leading else self.seq_len
+            reach = mix.reach_at(self.draws)
+            length = mix.lead_row_len(self.draws, self.seq_len) if leading else self.seq_len
             answers = torch.zeros(self.batch_size, length, dtype=torch.bool)
             for i in range(self.batch_size):
                 if i % world != rank:  # only this process's rows are built
                     continue
                 if leading or chosen[i]:
-                    rows[i], mask = self.recall.row(random.Random(seeds[i]), reach, kind, length + 1)
+                    rows[i], mask = self.recall.row(random.Random(seeds[i]), reach, length=length + 1)
                     answers[i] = mask[1:]
             answers = answers[rank::world]
         self.draws += 1

@@ -17,6 +17,7 @@
         pairs: [4, 8, 16]          # facts per mqar document
         lead_steps: 800            # first, retrieval alone: short recall rows, loss on answers only
         lead_len: 512              # the lead's rows, in tokens
+        curriculum_from: 800       # documents short until this step,
         curriculum_steps: 1000     # then facts placed ever further back over these steps
         answer_loss: 1.0           # loss = mean over other tokens + answer_loss * mean over answers
     optim:
@@ -171,8 +172,8 @@ class Recipe:
                  "data.recall.passkey and .mqar are weights: not negative, not both 0"),
                 (bool(mix.pairs) and all(1 <= k <= 64 for k in mix.pairs), "data.recall.pairs: numbers in 1..64"),
                 (mix.answer_loss >= 0, "data.recall.answer_loss must be >= 0"),
-                (mix.lead_steps >= 0 and mix.curriculum_steps >= 0,
-                 "data.recall.lead_steps and .curriculum_steps must be >= 0"),
+                (min(mix.lead_steps, mix.curriculum_from, mix.curriculum_steps) >= 0,
+                 "data.recall.lead_steps, .curriculum_from and .curriculum_steps must be >= 0"),
                 (mix.lead_len >= mix.shortest, "data.recall.lead_len must be at least data.recall.shortest"),
             ]
         for ok, message in checks:
