@@ -112,7 +112,10 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        import atexit
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if device.type == "cpu":
         import numba
 
