@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from simba_cli.distributed import is_main_process
+from simba_cli.distributed import is_main_process, world_size
 from simba_cli.errors import UserError
 
 # lm-eval and datasets draw a tqdm bar per step; the commands show their own rich progress instead.
@@ -57,7 +57,12 @@ def command(name: str | None = None, **kwargs):
         @functools.wraps(fn)
         def run(*args, **kw):
             try:
-                return fn(*args, **kw)
+                result = fn(*args, **kw)
+                if world_size() > 1:  # under torchrun: wait for every process, then leave the group
+                    from simba_cli.distributed import end
+
+                    end()
+                return result
             except UserError as e:
                 if is_main_process():  # under torchrun every process meets the same error: one says it
                     typer.echo(f"error: {e}", err=True)

@@ -112,10 +112,7 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        import atexit
-
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if device.type == "cpu":
         import numba
 
@@ -123,3 +120,13 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def end():
+    """After a command's work: every process waits for the others (rank 0 writing its outputs), then leaves
+    the group. Not on an error: torchrun ends the other processes of a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
