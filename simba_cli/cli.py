@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from simba_cli.distributed import is_main_process, world_size
 from simba_cli.errors import UserError
 
 # lm-eval and datasets draw a tqdm bar per step; the commands show their own rich progress instead.
@@ -41,7 +42,12 @@ def _options(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                           help="Print the version and exit")] = False,
 ):
-    pass
+    if not is_main_process():  # under torchrun, rank 0 alone prints: the others' warnings and logs are its own
+        import logging
+        import warnings
+
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
 
 
 def command(name: str | None = None, **kwargs):
@@ -51,12 +57,19 @@ def command(name: str | None = None, **kwargs):
         @functools.wraps(fn)
         def run(*args, **kw):
             try:
-                return fn(*args, **kw)
+                result = fn(*args, **kw)
+                if world_size() > 1:  # under torchrun: wait for every process, then leave the group
+                    from simba_cli.distributed import end
+
+                    end()
+                return result
             except UserError as e:
-                typer.echo(f"error: {e}", err=True)
+                if is_main_process():  # under torchrun every process meets the same error: one says it
+                    typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
-                typer.echo("interrupted", err=True)
+                if is_main_process():
+                    typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(run)
@@ -253,6 +266,8 @@ def eval_cmd(
                              _prune_overrides(schedule, final_keep, first_layer, stages, criterion),
                              _ints(ppl_contexts, "ppl-contexts"), ppl_score_last, ppl_windows, ppl_data,
                              progress=not quiet)
+    if not is_main_process():  # data parallel: every process holds the results; rank 0 prints and writes them
+        return
     title = f"{model}: {results['setting']}"
     if results["tasks"]:
         print_table(result_rows(results), title=title)
@@ -292,6 +307,8 @@ def compare_cmd(
     if changes:
         spec = CompareSpec(**{**spec.__dict__, **changes})
     summary = run_compare(spec, out, overwrite=overwrite, resume=resume, progress=not quiet)
+    if not is_main_process():  # data parallel: rank 0 wrote the outputs and prints them
+        return
     rows = [{"model": Path(r["model"]).name, "setting": r["setting"], "task": r["task"], "metric": r["metric"],
              "value": r.get(r["metric"]), "FLOPs/doc": r["flops_per_doc"], "keep": r["mean_keep"],
              "vs_dense": r["vs_dense"]} for r in summary["rows"]]

@@ -219,10 +219,18 @@ class Result:
     doc_info: list[dict] | None = None
 
 
-def run(plan: Plan, out: Path, progress: bool = True) -> tuple[list[Result], list[Result]]:
-    """Every evaluation of the plan, reusing finished parts: (task results, perplexity results)."""
+def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) -> tuple[list[Result], list[Result]]:
+    """Every evaluation of the plan, reusing finished parts: (task results, perplexity results).
+
+    dist (a `distributed.Dist`) and device (this process's, from `distributed.setup`), under torchrun: every
+    evaluation runs data parallel (each process scores its share of the batches; every process gets the whole
+    result); rank 0 alone reads and writes the parts. Parts are evaluated one after another, each spread over
+    every process, rather than whole parts dealt out to processes: the work is balanced however few the parts
+    or however different their costs (a resumed run, a ladder whose largest model costs 20 times its
+    smallest), one process alone touches --out, and a resumed run continues as a one-process run would."""
     import torch
 
+    from simba_cli.distributed import Dist
     from simba_cli.eval.harness import only, run_tasks
     from simba_cli.eval.lm import SimbaLM
     from simba_cli.eval.perplexity import long_context_perplexity, token_stream
@@ -231,35 +239,47 @@ def run(plan: Plan, out: Path, progress: bool = True) -> tuple[list[Result], lis
     from simba_cli.simba.runner import ModelRunner
 
     spec = plan.spec
+    dd = dist or Dist()
     torch.manual_seed(spec.seed)
     results, ppl_results = [], []
-    with Bar(progress, plan.n_jobs, "compare", unit="eval") as bar:
+
+    def finished(path: Path):
+        """A part saved by an earlier (interrupted) run, as rank 0 reads it; None when there is none."""
+        return dd.from_main(json.loads(path.read_text()) if dd.main and path.is_file() else None)
+
+    def save(path: Path, part):
+        text = json.dumps(part) + "\n"
+        if dd.main:
+            write_atomic(path, text)
+        return json.loads(text)  # as a resumed run reads it back
+
+    with Bar(progress and dd.main, plan.n_jobs, "compare", unit="eval") as bar:
         for name in plan.models:
-            runner = ModelRunner.load(name, spec.device)
+            runner = ModelRunner.load(name, spec.device if device is None else device)
             lm = SimbaLM(runner=runner, batch_size=spec.batch_size)
             for setting in plan.settings[name]:
                 for task in plan.leaves:
                     path = _part_path(out, name, setting, task)
-                    if not path.is_file():
+                    part = finished(path)
+                    if part is None:
                         bar.describe(f"{Path(name).name} {setting.label} {task}")
                         runner.config = setting.config
                         r = run_tasks(lm, only(plan.tasks, task), limit=spec.limit, log_samples=True)
-                        write_atomic(path, json.dumps(_part(lm, name, setting, task, r)) + "\n")
-                    part = json.loads(path.read_text())
+                        part = save(path, _part(lm, name, setting, task, r))
                     results.append(Result(name, setting, task, part["row"], part["per_doc"], part.get("doc_info")))
                     bar.advance()
             if spec.ppl_contexts:
                 stream = token_stream(runner.tokenizer)
                 for setting in plan.ppl_settings[name]:
                     path = _part_path(out, name, setting, "ppl")
-                    if not path.is_file():
+                    rows = finished(path)
+                    if rows is None:
                         bar.describe(f"{Path(name).name} {setting.label} perplexity")
                         rows = long_context_perplexity(runner.model, stream, setting.config, spec.ppl_contexts,
                                                        spec.ppl_score_last, spec.ppl_windows, spec.batch_size,
-                                                       runner.device)
-                        rows = [{"model": name, "setting": setting.label, **r} for r in rows]
-                        write_atomic(path, json.dumps(rows) + "\n")
-                    for r in json.loads(path.read_text()):
+                                                       runner.device, dist=dd)
+                        rows = save(path, [{"model": name, "setting": setting.label, **r} for r in rows])
+                    for r in rows:
                         ppl_results.append(Result(name, setting, f"ppl@{r['context']}", r,
                                                   [-x for x in r["window_nll"]]))
                     bar.advance()
@@ -315,20 +335,27 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
 def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: bool = False,
                 progress: bool = True) -> dict:
     """setup, prepare_out, run, finish; returns the summary (also written to out/summary.json)."""
+    from simba_cli import distributed
+    from simba_cli.models.loading import resolve_device
     from simba_cli.outdir import check_out
 
     out = Path(out)
     started = time.time()
     check_out(out, "compare.yaml", "compare", overwrite=overwrite, resume=resume)  # at once, before the setup
+    # under torchrun: this process's device and the process group; rank 0 alone writes --out
+    dd, device = distributed.setup(resolve_device(spec.device))
     plan = setup(spec)
-    prepare_out(out, spec, overwrite, resume)
+    dd.barrier()  # every process has checked --out before rank 0 claims it
+    if dd.main:
+        prepare_out(out, spec, overwrite, resume)
     try:
-        results, ppl_results = run(plan, out, progress)
+        results, ppl_results = run(plan, out, progress, dd, device)
     except KeyboardInterrupt:
         done = len(list((out / "parts").glob("*.json")))
         raise Interrupted(f"interrupted; {done} finished evaluations are kept in {out / 'parts'}: continue with "
                           f"the same command and --resume") from None
-    return finish(plan, out, results, ppl_results, started)
+    summary = finish(plan, out, results, ppl_results, started) if dd.main else None
+    return dd.from_main(summary)  # the same summary on every process
 
 
 COMPARE_NOTES = """\

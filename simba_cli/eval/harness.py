@@ -199,8 +199,6 @@ def run_tasks(lm, tasks, limit: int | None = None, num_fewshot: int | None = Non
     with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints "bootstrapping for stddev: ..." lines
         results = evaluate(lm, loaded, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
                            verbosity="WARNING")
-    if results is None:  # a non-zero rank in data-parallel runs
-        return {}
     after = lm.runner.flops
     ran = after if before is None else after - before
     measured = {"forwards": 0} if ran is None else {"forwards": lm.runner.forwards - forwards, **ran.summary()}
@@ -214,8 +212,10 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
                    ppl_data: str = "shakespeare", progress: bool = False) -> dict:
     """`simba eval`: lm-eval tasks (each with its own measured FLOPs) and long-context perplexity on the
     evaluation split of `ppl_data` (any source `finetune` takes). Every setting is checked before any work."""
+    from simba_cli.distributed import setup
     from simba_cli.eval.lm import SimbaLM
     from simba_cli.eval.perplexity import check_ppl_args, check_stream, long_context_perplexity, token_stream
+    from simba_cli.models.loading import resolve_device
     from simba_cli.provenance import provenance
     from simba_cli.report.progress import Bar
     from simba_cli.simba.runner import ModelRunner
@@ -226,7 +226,8 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
         ppl_contexts = check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    # a missing CUDA device is an error here, not a silent CPU run
+    # a missing CUDA device is an error here, not a silent CPU run; under torchrun, this process's device
+    dd, device = setup(resolve_device(device))
     runner = ModelRunner.load(model, device, **(prune or {}))
     lm = SimbaLM(runner=runner, batch_size=batch_size)
     loaded = task_dict(tasks) if tasks else {"tasks": {}}
@@ -243,13 +244,11 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
                             "ppl_windows": ppl_windows, "ppl_data": ppl_data if ppl_contexts else None},
                "tasks": {}}
     total = sum(requests.values()) + (len(ppl_contexts) * ppl_windows if ppl_contexts else 0)
-    with Bar(progress, total, "eval", unit="req") as bar:
+    with Bar(progress and dd.main, total, "eval", unit="req") as bar:
         lm.on_progress = bar.advance_by
         for name in loaded["tasks"]:
             bar.describe(name)
             r = run_tasks(lm, only(loaded, name), limit=limit, num_fewshot=num_fewshot)
-            if not r:
-                continue
             docs = r["n_samples"][name]["effective"] if r.get("n_samples") else None
             results["tasks"][name] = {"metrics": r["metrics"].get(name, {}), "docs": docs,
                                       "flops_per_doc": r["measured"].get("flops", 0) / max(1, docs or 1),
@@ -258,9 +257,9 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
             bar.describe("perplexity")
             results["perplexity"] = long_context_perplexity(runner.model, stream, config, ppl_contexts,
                                                             ppl_score_last, ppl_windows, batch_size, runner.device,
-                                                            on_window=bar.advance_by)
+                                                            on_window=bar.advance_by, dist=dd)
     results["measured"] = runner.measured()
-    results["provenance"] = provenance(seed=config.seed, device=str(runner.device))
+    results["provenance"] = provenance(seed=config.seed, device=str(runner.device), world_size=dd.world)
     return results
 
 

@@ -19,18 +19,25 @@ max_length (the longest input scored at once) is resolved as lm-eval's `hf` mode
 score long documents the same way: an explicit max_length; else the tokenizer's model_max_length unless
 it is unset (the embedded zoo's tokenizer says 1,000,000: a recurrent model has no window); else 2048,
 the training length of the official Mamba models.
-Data parallel like lm-eval's `hf` model: under `accelerate launch`, each process takes its share.
+Data parallel: under `torchrun` (or `accelerate launch`), every process builds every request, scores its
+share (batch j of the one-process order on rank j % world) and receives everyone's answers, so lm-eval sees one
+process on every rank (rank 0, world size 1) and computes the very results of a one-process run. The FLOPs
+count holds every process's forwards (what ran in total, as one process would have run it). Why not lm-eval's
+own split (an LM reporting rank and world size): it deals documents round-robin and gathers them rank by
+rank, which reorders samples and bootstrap draws, and it pads ranks with repeated requests, which would run
+and count extra forwards.
 """
 
 from __future__ import annotations
 
 import typing
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from simba_cli.distributed import setup
 from simba_cli.errors import UserError
+from simba_cli.models.loading import resolve_device
 from simba_cli.simba.runner import ModelRunner
 from simba_cli.simba.settings import PruneConfig
 from simba_cli.typed import convert
@@ -61,8 +68,8 @@ class SimbaLM(TemplateLM):
                             f"{', '.join(_OTHER_KEYS + _PRUNE_KEYS)}")
         kinds = typing.get_type_hints(PruneConfig)
         given = {k: convert(kinds[k], v, k, strings=True) for k, v in prune_args.items() if k in _PRUNE_KEYS}
-        self.accelerator = None
-        device = self._init_distributed(device)
+        # under torchrun: the process group, and this process's device (cuda:LOCAL_RANK)
+        self.dist, device = setup(runner.device if runner else resolve_device(device, fall_back=True))
         # compare hands over a loaded runner, to reuse one model for many settings
         self.runner = runner or ModelRunner.load(str(pretrained), device, dtype, tokenizer, fall_back=True, **given)
         self.batch_size_per_gpu = _int(8 if batch_size == "auto" else batch_size, "batch_size")
@@ -73,17 +80,6 @@ class SimbaLM(TemplateLM):
             raise UserError(f"max_length must be at least 2 tokens, got {max_length}")
         if KEEP_INSTANCES:
             INSTANCES.append(self)
-
-    def _init_distributed(self, device):
-        import os
-
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator()
-            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            return self.accelerator.device
-        return device
 
     @property
     def config(self) -> PruneConfig:
@@ -135,35 +131,44 @@ class SimbaLM(TemplateLM):
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens)
 
-    def all_gather(self, tensor):
-        return tensor if self.world_size <= 1 else self.accelerator.gather(tensor)
-
-    def gather_object(self, obj, dst=0):
-        if self.world_size <= 1:
-            return [obj]
-        result = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
-        return result
-
-    def barrier(self):
-        if self.world_size > 1:
-            self.accelerator.wait_for_everyone()
-
     # --- scoring ----------------------------------------------------------------------------------------
     def _run_batches(self, requests: list, mode: str) -> list[tuple[float, bool]]:
         # Longest first, so each batch pads little; answers go back in the requests' order.
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        chunks = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         answers: list = [None] * len(requests)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s:s + self.batch_size]
-            scored = self.runner.loglikelihood([(requests[i][1], requests[i][2]) for i in chunk], mode,
-                                               self.max_length)
+
+        def score(chunk):
+            return self.runner.loglikelihood([(requests[i][1], requests[i][2]) for i in chunk], mode, self.max_length)
+
+        for chunk, scored in self._spread(chunks, score):
             for i, answer in zip(chunk, scored):
                 answers[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
             self._progress(len(chunk))
         return answers
+
+    def _spread(self, items: list, fn):
+        """(item, fn(item)) for every item, in order: under torchrun each process computes its share
+        (`Dist.spread`) and the runner's FLOPs count takes in every process's forwards, so that every process
+        holds the count of the whole run."""
+        dd = self.dist
+        if dd.world == 1:
+            yield from ((item, fn(item)) for item in items)
+            return
+        runner = self.runner
+
+        def counted(item):
+            flops, forwards = runner.flops, runner.forwards
+            value = fn(item)
+            ran = (runner.flops if flops is None else runner.flops - flops), runner.forwards - forwards
+            runner.flops, runner.forwards = flops, forwards  # added back below, with every other rank's
+            return value, ran
+
+        for item, (value, ran) in dd.spread(items, counted):
+            runner.count(*ran)
+            yield item, value
 
     def _progress(self, n: int):
         """Requests done, for a caller's progress bar (`on_progress`, set by `simba eval`)."""
@@ -196,8 +201,7 @@ class SimbaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        outputs = []
-        for req in requests:
+        def generate(req) -> str:
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
@@ -210,6 +214,10 @@ class SimbaLM(TemplateLM):
             for stop in until:
                 if stop and stop in text:
                     text = text.split(stop)[0]
+            return text
+
+        outputs = []
+        for req, text in self._spread(list(requests), generate):
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
             self._progress(1)

@@ -51,31 +51,40 @@ def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
 @torch.no_grad()
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
-                            device="cpu", on_window=None) -> list[dict]:
+                            device="cpu", on_window=None, dist=None) -> list[dict]:
     """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, and
-    each window's mean NLL per scored token (`window_nll`, in window order)."""
+    each window's mean NLL per scored token (`window_nll`, in window order).
+
+    dist (a `distributed.Dist`): under torchrun, each process runs its share of the batches of windows and
+    every process gets the rows of the whole run (the same as one process's)."""
+    from simba_cli.distributed import Dist
+
+    dist = dist or Dist()
     contexts = check_ppl_args(contexts, score_last, windows)
     check_stream(stream, contexts, windows)
     longest = contexts[-1]
     ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
     config = dataclasses.replace(config, mode="protect")
+    batches = [ends[s:s + batch_size] for s in range(0, len(ends), batch_size)]
     rows = []
     for L in contexts:
-        nll, count, flops, per_window = 0.0, 0, None, []
-        for s in range(0, len(ends), batch_size):
-            batch = ends[s:s + batch_size]
+        def score(batch, L=L):
+            """Each window's NLL summed over its scored tokens, and the FLOPs of the forward."""
             ids = torch.stack([stream[e - L:e] for e in batch]).to(device)
             targets = torch.stack([stream[e - score_last + 1:e + 1] for e in batch]).to(device)
             protected = torch.zeros_like(ids, dtype=torch.bool)
             protected[:, -score_last:] = True
             out = pruned_forward(model, ids, config, protected=protected)
-            flops = out.flops if flops is None else flops + out.flops
             # In protect mode the logits rows are the protected positions, in order.
             logp = F.log_softmax(out.logits[:, -score_last:].float(), dim=-1)
-            window_nll = -logp.gather(2, targets[..., None])[..., 0].sum(1)
+            return -logp.gather(2, targets[..., None])[..., 0].sum(1).cpu(), out.flops
+
+        nll, count, flops, per_window = 0.0, 0, None, []
+        for batch, (window_nll, ran) in dist.spread(batches, score):
+            flops = ran if flops is None else flops + ran
             per_window += (window_nll / score_last).tolist()
             nll += float(window_nll.sum())
-            count += targets.numel()
+            count += len(batch) * score_last
             if on_window is not None:
                 on_window(len(batch))
         rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,

@@ -2,11 +2,13 @@
 
 `python -m simba_cli.lm_eval tasks-path` prints the directory of the offline tasks (an --include_path).
 Bad input to the simba model (a missing model, a bad setting) ends as one line `error: ...` on stderr
-with exit code 2, as in the `simba` command line.
+with exit code 2, as in the `simba` command line. Under torchrun (data parallel, see `simba_cli.eval.lm`), rank 0
+alone prints and writes lm-eval's results.
 """
 
 import sys
 
+from simba_cli.distributed import is_main_process
 from simba_cli.errors import UserError
 
 
@@ -22,6 +24,8 @@ def run():
 
     simba_lm.KEEP_INSTANCES = True
     cli_evaluate()
+    if not is_main_process():  # under torchrun every process ran everything (see eval.lm); rank 0 reports
+        return
     for lm in simba_lm.INSTANCES:  # what really ran: lm-eval's own results know nothing of FLOPs
         m = lm.measured()
         keep = f", mean keep {m['mean_keep']:.3f}" if "mean_keep" in m else ""
@@ -32,7 +36,8 @@ def main():
     try:
         run()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 

@@ -52,9 +52,12 @@ class ModelRunner:
         return self.tokenizer.eos_token_id
 
     # --- what ran -----------------------------------------------------------------------------------------
-    def count(self, flops: FlopsCount):
+    def count(self, flops: FlopsCount | None, forwards: int = 1):
+        """Add what ran: one forward, or (data parallel) another process's `forwards` summed in `flops`."""
+        if flops is None:
+            return
         self.flops = flops if self.flops is None else self.flops + flops
-        self.forwards += 1
+        self.forwards += forwards
 
     def measured(self) -> dict:
         """What really ran: FLOPs (total, per input token) and the tokens entering each layer."""

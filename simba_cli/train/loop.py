@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from simba_cli.data.bpe import cached_bpe
 from simba_cli.data.corpus import load_texts
 from simba_cli.data.tokens import BatchSampler, eval_windows, tokenize_documents
+from simba_cli.distributed import Dist
+from simba_cli.distributed import setup as setup_distributed
 from simba_cli.errors import Interrupted, UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from simba_cli.models.config import MambaConfig
@@ -43,31 +44,6 @@ from simba_cli.provenance import provenance
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.train import checkpoint as ckpt
 from simba_cli.train.recipe import ModelSpec, Recipe, load_recipe
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: torch.device) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":  # share the cores instead of oversubscribing them
-        import numba
-
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        torch.set_num_threads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    return Dist(dist.get_rank(), world)
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -248,7 +224,7 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     from simba_cli.outdir import check_out
 
     device = resolve_device(device)
-    dd = _setup_distributed(device)
+    dd, device = setup_distributed(device)  # under torchrun: cuda:LOCAL_RANK on CUDA
     if recipe.train.batch_size % dd.world:
         raise UserError(f"train.batch_size {recipe.train.batch_size} is not divisible by {dd.world} processes")
     resumable = check_out(out, "recipe.yaml", "finetune", overwrite=overwrite, resume=resume)
