@@ -76,10 +76,9 @@ class RecallMix:
     kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
     this list;
     lead_steps: the first steps train retrieval alone: every row is recall documents and the loss is on
-    their answers only. Retrieval emerges late and suddenly, and only when the answers carry the loss: on
-    a loss over every token, or one where the answers' mean loss is merely added, a 2-layer model was
-    still at chance after 1500 steps, while on the answers alone it left chance at 700 steps (and kept
-    improving when the language-modelling loss came in afterwards). While the documents are short, the
+    their answers only. Retrieval emerges late and suddenly, and sooner when the answers carry the loss
+    alone (recipes/probe-lead.yaml: a 2-layer model left chance at about step 700; with the other tokens'
+    mean loss beside the answers', probe-no-lead.yaml, at about step 1700). While the documents are short, the
     lead's rows are `lead_len` tokens (at least four documents each), which makes its start cheap;
     curriculum_from, curriculum_steps: documents are `shortest` tokens (several packed into one row) until
     step curriculum_from, then grow to a whole row over curriculum_steps (facts placed ever further back),
