@@ -13,7 +13,19 @@
                                        Mamba2ForCausalLM (its pure-PyTorch path) with the same weights,
                                        no grad, medians side by side                      target >= 3
 
+    model_fwd_vs_matmul_floor          the random mamba-130m-shaped model's forward at l=1024 divided by the
+                                       time of its matmuls alone (in_proj, x_proj, dt_proj, out_proj of every
+                                       layer and the LM head, same shapes), medians side by side  target <= 1.3
+    decode_tokens_per_s_vs_transformers
+                                       greedy generation of 256 tokens after a 512-token prompt, same weights:
+                                       our prefill and recurrent decode vs transformers' generate with its
+                                       cache, tokens/s                                      target >= 3
+    pruned_prefill_speedup_share       time to the first token with a Simba-pruned prefill (linear to 0.1,
+                                       2048 prompt tokens) against the dense prefill, divided by the FLOPs
+                                       ratio of the two                                     target >= 0.85
+
     python benchmarks/bench_core.py                    every key, full size, into results/core.json
+    python benchmarks/bench_core.py --only speed       the last three keys, full size; core.json keeps the others
     python benchmarks/bench_core.py --only mamba2      the Mamba-2 keys, full size; core.json keeps the others
     python benchmarks/bench_core.py --only mamba2 --tiny
                                        the same code at tiny shapes, in seconds: prints, writes nothing
@@ -32,6 +44,7 @@ from common import best_of, medians_side_by_side, write  # noqa: E402
 
 from simba_cli.models.checkpoint import save_checkpoint  # noqa: E402
 from simba_cli.models.config import OFFICIAL  # noqa: E402
+from simba_cli.models.decode import generate  # noqa: E402
 from simba_cli.models.mamba import MambaLM  # noqa: E402
 from simba_cli.models.mamba2 import Mamba2LM, ssd_scan_chunked, ssd_scan_ref  # noqa: E402
 from simba_cli.ops.scan import selective_scan  # noqa: E402
@@ -149,10 +162,91 @@ def mamba2(tiny: bool) -> dict:
     return out
 
 
+def matmul_floor(model: MambaLM, l: int):
+    """A callable doing the model's matmuls alone at sequence length l: per layer in_proj, x_proj, dt_proj and
+    out_proj on random inputs of their shapes, then the LM head."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, l, cfg.d_model, generator=g)
+    inner = torch.randn(1, l, cfg.d_inner, generator=g)
+    low = torch.randn(1, l, cfg.dt_rank, generator=g)
+    F = torch.nn.functional
+
+    def run():
+        for block in model.layers:
+            m = block.mixer
+            F.linear(hidden, m.in_proj.weight, m.in_proj.bias)
+            F.linear(inner, m.x_proj.weight)
+            F.linear(low, m.dt_proj.weight, m.dt_proj.bias)
+            F.linear(inner, m.out_proj.weight, m.out_proj.bias)
+        F.linear(hidden, model.lm_head.weight)
+
+    return run
+
+
+def speed(tiny: bool) -> dict:
+    """The forward against its matmul floor, decoding against transformers, and a pruned prefill."""
+    from transformers import MambaForCausalLM
+
+    from simba_cli.simba.pruned import pruned_prefill
+    from simba_cli.simba.runner import generation_flops
+    from simba_cli.simba.settings import DENSE, PruneConfig
+
+    l_model, prompt, new, l_prefill = (128, 64, 16, 256) if tiny else (1024, 512, 256, 2048)
+    cfg = dataclasses.replace(OFFICIAL["mamba-130m"], n_layer=2) if tiny else OFFICIAL["mamba-130m"]
+    model = MambaLM(cfg).eval()
+    out = {}
+    ids = torch.randint(0, 50000, (1, l_model))
+    with torch.no_grad():
+        floor = matmul_floor(model, l_model)
+        model(ids[:, :64])
+        floor()
+        t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor}, 3)
+    out.update(model_fwd_s=t["model"], model_matmuls_s=t["matmuls"],
+               model_fwd_vs_matmul_floor=t["model"] / t["matmuls"])
+    print(f"forward l={l_model}: {t['model']:.3f} s, its matmuls alone {t['matmuls']:.3f} s, "
+          f"{t['model'] / t['matmuls']:.2f}x the floor", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = MambaForCausalLM.from_pretrained(str(save_checkpoint(model, Path(tmp) / "hf", fmt="hf"))).eval()
+    prompt_ids = torch.randint(0, 50000, (1, prompt))
+    with torch.no_grad():
+        ours_ids = generate(model, prompt_ids, new)
+        theirs_ids = hf.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 use_cache=True, pad_token_id=0)[:, prompt:]
+        t = medians_side_by_side({
+            "ours": lambda: generate(model, prompt_ids, new),
+            "theirs": lambda: hf.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                          use_cache=True, pad_token_id=0)}, 3)
+    agree = float((ours_ids == theirs_ids).float().mean())
+    out.update(decode_ours_tokens_per_s=new / t["ours"], decode_transformers_tokens_per_s=new / t["theirs"],
+               decode_tokens_per_s_vs_transformers=t["theirs"] / t["ours"], decode_tokens_agree=agree)
+    print(f"greedy decode, {new} tokens after {prompt}: ours {new / t['ours']:.1f} tokens/s, transformers "
+          f"{new / t['theirs']:.1f} tokens/s, {t['theirs'] / t['ours']:.2f}x ({agree:.0%} of tokens agree)",
+          flush=True)
+
+    pruned = PruneConfig(schedule="linear", final_keep=0.1)
+    long_ids = torch.randint(0, 50000, (1, l_prefill))
+    prefill = pruned_prefill(pruned)
+    dense_prefill = pruned_prefill(DENSE)
+    with torch.no_grad():
+        prefill(model, long_ids)
+        t = medians_side_by_side({"dense": lambda: dense_prefill(model, long_ids),
+                                  "pruned": lambda: prefill(model, long_ids)}, 3)
+    flops_ratio = generation_flops(cfg, DENSE, l_prefill, 1).total / generation_flops(cfg, pruned, l_prefill, 1).total
+    speedup = t["dense"] / t["pruned"]
+    out.update(prefill_dense_s=t["dense"], prefill_pruned_s=t["pruned"], pruned_prefill_speedup=speedup,
+               pruned_prefill_flops_ratio=flops_ratio, pruned_prefill_speedup_share=speedup / flops_ratio)
+    print(f"time to first token, {l_prefill} prompt tokens: dense {t['dense']:.3f} s, pruned (linear to 0.1) "
+          f"{t['pruned']:.3f} s, {speedup:.2f}x for a FLOPs ratio of {flops_ratio:.2f} "
+          f"(share {speedup / flops_ratio:.2f})", flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["mamba", "mamba2"], help="only this family's keys (results/core.json "
-                                                                    "keeps the others' figures)")
+    parser.add_argument("--only", choices=["mamba", "mamba2", "speed"],
+                        help="only this group's keys (results/core.json keeps the others' figures)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, seconds: a check that the benchmark runs; "
                                                             "prints its figures and writes nothing")
     args = parser.parse_args()
@@ -162,6 +256,8 @@ def main():
         out.update(mamba1(args.tiny))
     if args.only in (None, "mamba2"):
         out.update(mamba2(args.tiny))
+    if args.only in (None, "speed"):
+        out.update(speed(args.tiny))
     if args.tiny:
         print(f"tiny shapes: {len(out)} figures, not written")
         return
