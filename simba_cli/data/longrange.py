@@ -77,9 +77,9 @@ class RecallMix:
     this list;
     lead_steps: the first steps train retrieval alone: every row is recall documents and the loss is on
     their answers only. Retrieval emerges late and suddenly, and sooner when the answers carry the loss
-    alone (recipes/probe-lead.yaml: a 2-layer model left chance at about step 700; with the other tokens'
-    mean loss beside the answers', probe-no-lead.yaml, at about step 1700). While the documents are short, the
-    lead's rows are `lead_len` tokens (at least four documents each), which makes its start cheap;
+    alone (recipes/probe-lead.yaml: a 2-layer model left chance at about step 700; with the other
+    tokens' mean loss beside the answers', probe-no-lead.yaml, at about step 1700). While the documents
+    are short, the lead's rows are `lead_len` tokens (at least four documents each): a cheap start;
     curriculum_from, curriculum_steps: documents are `shortest` tokens (several packed into one row) until
     step curriculum_from, then grow to a whole row over curriculum_steps (facts placed ever further back),
     in the lead or after it;
