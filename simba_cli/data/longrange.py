@@ -127,27 +127,26 @@ class RecallSampler:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def row(self, rng: random.Random, reach: float = 1.0, kind: str | None = None, length: int | None = None
+    def row(self, rng: random.Random, reach: float = 1.0, length: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """A training row of `length` tokens (default the sampler's): one document, or (early in the
-        curriculum, `reach` < 1) several shorter ones of about max(shortest, reach * length) tokens, packed.
-        `kind`: one kind only (else drawn by the mix's weights)."""
+        curriculum, `reach` < 1) several shorter ones of about max(shortest, reach * length) tokens, packed."""
         length = length or self.length
         size = max(self.mix.shortest, int(reach * length))
         parts, left = [], length
         while left > 0:
             n = left if left < 2 * size else size
-            parts.append(self.document(rng, length=n, kind=kind))
+            parts.append(self.document(rng, length=n))
             left -= n
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def document(self, rng: random.Random, reach: float = 1.0, length: int | None = None, kind: str | None = None
+    def document(self, rng: random.Random, reach: float = 1.0, length: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (length,), answer mask (length,) bool). `reach` in (0, 1]: facts lie in the last `reach`
         share of the document before the queries."""
         mix = self.mix
         length = length or self.length
-        kind = kind or rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
+        kind = rng.choices(KINDS, weights=(mix.passkey, mix.mqar))[0]
         facts = draw_facts(kind, rng.choice(mix.pairs), rng)
         while True:  # a short document holds fewer facts: halve them until they fit
             queries = rng.sample(facts, len(facts))
