@@ -88,10 +88,11 @@ def test_the_lead_trains_answers_alone_then_the_answers_mean_is_added(marked_cor
     sampler = BatchSampler(run.train_stream, 256, 4, 0, RecallSampler(run.tokenizer, run.train_stream, 257, mix))
     assert mix.leading(sampler.draws)
     lead_batch, lead_answers = sampler.next()
-    n = mix.lead_row_len(0, 256)
-    assert lead_batch.shape == (4, n + 1) and lead_answers.shape == (4, n)
-    # in the lead every row is packed with short recall documents, though share is 0
-    assert all(run.tokenizer.decode(row.tolist()).count("Recall:") >= 2 for row in lead_batch)
+    rows, n = mix.lead_shape(0, 256, 4)
+    assert lead_batch.shape == (rows, n + 1) and lead_answers.shape == (rows, n) and rows > 4 and n < 256
+    # in the lead every row is one short recall document, though share is 0
+    assert all(run.tokenizer.decode(row.tolist()).count("Recall:") == 1 for row in lead_batch)
+    assert lead_answers.any(1).all()
     sampler.next()
     assert not mix.leading(sampler.draws)
     batch, answers = sampler.next()
@@ -114,9 +115,9 @@ def test_the_curriculum_runs_from_the_first_step_and_the_lead_rows_grow_with_it(
         0.0, 0.0, 0.5, 1.0, 1.0]
     mix = RecallMix(lead_steps=30, lead_len=256, curriculum_steps=20, shortest=64)
     assert [mix.reach_at(s) for s in (0, 10, 20, 99)] == [0.0, 0.5, 1.0, 1.0]
-    # four documents a row at least: 256 tokens while they are short, then longer, at most the whole row
-    assert [mix.lead_row_len(s, 1024) for s in (0, 1, 10, 20)] == [256, 256, 1024, 1024]
-    assert mix.lead_row_len(2, 2048) == 4 * int(0.1 * 2048)
+    # one document a row, batch_size rows of lead_len tokens' worth while they are shorter, a whole row at most
+    assert [mix.lead_shape(s, 1024, 4) for s in (0, 1, 10, 20)] == [(16, 64), (16, 64), (4, 512), (4, 1024)]
+    assert mix.lead_shape(2, 2048, 4) == (4, int(0.1 * 2048))
     assert RecallMix().reach_at(0) == 1.0  # no curriculum: whole rows from the start
 
 

@@ -75,14 +75,16 @@ class RecallMix:
     share: the share of rows that are recall documents (the rest are play windows);
     kinds: relative weights of passkey and mqar documents; pairs: the K of mqar documents, drawn from
     this list;
-    lead_steps: the first steps train retrieval alone: every row is recall documents and the loss is on
-    their answers only. Retrieval emerges late and suddenly, and sooner when the answers carry the loss
+    lead_steps: the first steps train retrieval alone: every row is one recall document and the loss is
+    on its answers only. Retrieval emerges late and suddenly, and sooner when the answers carry the loss
     alone (recipes/probe-lead.yaml: a 2-layer model left chance at about step 700; with the other
-    tokens' mean loss beside the answers', probe-no-lead.yaml, at about step 1700). While the documents
-    are short, the lead's rows are `lead_len` tokens (at least four documents each): a cheap start;
-    curriculum_from, curriculum_steps: documents are `shortest` tokens (several packed into one row) until
-    step curriculum_from, then grow to a whole row over curriculum_steps (facts placed ever further back),
-    in the lead or after it;
+    tokens' mean loss beside the answers', probe-no-lead.yaml, at about step 1700), and when each
+    document has a row to itself (packed documents reuse the same keys with other values, and the
+    probe did not leave chance in 2000 steps). While the documents are shorter than `lead_len`, a step
+    takes lead_len // length of them for each of its batch_size rows: batch_size * lead_len tokens;
+    curriculum_from, curriculum_steps: documents are `shortest` tokens until step curriculum_from, then
+    grow to a whole row over curriculum_steps (facts placed ever further back), in the lead (one a row)
+    or after it (several packed into one row while they are short);
     answer_loss: after the lead, the loss is the mean over every other token plus answer_loss
     times the mean over the answer tokens (so the answers' share does not shrink with the rows' length)."""
 
@@ -106,10 +108,11 @@ class RecallMix:
         steps = self.curriculum_steps
         return 1.0 if steps <= 0 else min(1.0, max(0, step - self.curriculum_from) / steps)
 
-    def lead_row_len(self, step: int, seq_len: int) -> int:
-        """The length of the lead's rows at `step`: `lead_len`, or longer to hold four documents."""
-        size = max(self.shortest, int(self.reach_at(step) * seq_len))
-        return min(seq_len, max(self.lead_len, 4 * size))
+    def lead_shape(self, step: int, seq_len: int, batch_size: int) -> tuple[int, int]:
+        """(rows, tokens a row) of the lead's batch at `step`: one document a row, of the curriculum's
+        length, and as many rows as fill batch_size rows of lead_len tokens (a multiple of batch_size)."""
+        size = min(seq_len, max(self.shortest, int(self.reach_at(step) * seq_len)))
+        return batch_size * max(1, self.lead_len // size), size
 
 
 class RecallSampler:

@@ -37,9 +37,10 @@ class BatchSampler:
         self.draws = 0
 
     def next(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This process's rows of the next global batch, (batch_size // world, seq_len + 1), and which
-        targets are recall answers, (batch_size // world, seq_len) bool (None without recall documents).
-        In the recall mix's lead steps every row is recall documents (shorter rows while they are short)."""
+        """This process's rows of the next global batch, (rows // world, seq_len + 1), and which targets
+        are recall answers, (rows // world, seq_len) bool (None without recall documents); rows is
+        batch_size but in the recall mix's lead, whose rows are one document each (more of them, and
+        shorter, while the documents are short)."""
         starts = torch.randint(0, self.stream.numel() - self.seq_len - 1, (self.batch_size,),
                                generator=self.generator)
         rows = [self.stream[s:s + self.seq_len + 1] for s in starts.tolist()]
@@ -50,15 +51,20 @@ class BatchSampler:
             mix = self.recall.mix
             chosen = torch.rand(self.batch_size, generator=self.generator) < mix.share
             leading = mix.leading(self.draws)
-            seeds = torch.randint(0, 2**62, (self.batch_size,), generator=self.generator).tolist()
+            n, length = (mix.lead_shape(self.draws, self.seq_len, self.batch_size) if leading
+                         else (self.batch_size, self.seq_len))
+            seeds = torch.randint(0, 2**62, (n,), generator=self.generator).tolist()
             reach = mix.reach_at(self.draws)
-            length = mix.lead_row_len(self.draws, self.seq_len) if leading else self.seq_len
-            answers = torch.zeros(self.batch_size, length, dtype=torch.bool)
-            for i in range(self.batch_size):
+            rows += [None] * (n - len(rows))
+            answers = torch.zeros(n, length, dtype=torch.bool)
+            for i in range(n):
                 if i % world != rank:  # only this process's rows are built
                     continue
-                if leading or chosen[i]:
-                    rows[i], mask = self.recall.row(random.Random(seeds[i]), reach, length=length + 1)
+                if leading:
+                    rows[i], mask = self.recall.document(random.Random(seeds[i]), length=length + 1)
+                    answers[i] = mask[1:]
+                elif chosen[i]:
+                    rows[i], mask = self.recall.row(random.Random(seeds[i]), reach)
                     answers[i] = mask[1:]
             answers = answers[rank::world]
         self.draws += 1

@@ -340,7 +340,7 @@ def train(run: Run, progress: bool = True) -> TrainState:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 optimizer.step()
                 at.step += 1
-                tokens = (batch.shape[1] - 1) * recipe.train.batch_size  # the lead's rows are shorter
+                tokens = (batch.shape[1] - 1) * batch.shape[0] * dd.world  # the lead's rows differ in number and length
                 at.tokens_seen += tokens
                 at.elapsed += time.perf_counter() - t0
                 window_tokens += tokens
