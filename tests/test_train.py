@@ -238,14 +238,13 @@ def test_data_without_splits_is_split_deterministically_and_held_out(tmp_path):
     assert len(load_texts(str(records), "train", "body")) == 18 and load_texts(str(records), "evaluation", "body")
 
 
-def test_the_zoo_is_a_ladder_of_about_2x_steps_and_larger_is_better():
+def test_the_zoo_is_a_ladder_of_at_most_1_5x_steps():
     from simba_cli.models import zoo
 
     rows = [zoo.info(n) for n in zoo.names("mamba")]  # the Mamba-1 ladder (a Mamba-2 rung sits beside its twin)
-    assert len(rows) >= 2
+    assert len(rows) >= 5
     for small, big in zip(rows, rows[1:]):
-        assert 1.6 < big["flops_per_token"] / small["flops_per_token"] < 2.4
-        assert big["val_ppl"] < small["val_ppl"]
+        assert 1.1 < big["flops_per_token"] / small["flops_per_token"] <= 1.5
 
 
 @pytest.mark.parametrize("name", __import__("simba_cli.models.zoo", fromlist=["names"]).names())
