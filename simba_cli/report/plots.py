@@ -457,7 +457,7 @@ def plot_passkey_heatmaps(rows: list[dict], out_path: Path, title: str = "") -> 
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(1.9 * len(settings) + 1.2, 2.1 * len(tasks) + 0.6),
+    fig, axes = plt.subplots(len(tasks), len(settings), figsize=(2.1 * len(settings) + 1.2, 2.2 * len(tasks) + 0.6),
                              squeeze=False)
     image = None
     for i, task in enumerate(tasks):
@@ -472,10 +472,10 @@ def plot_passkey_heatmaps(rows: list[dict], out_path: Path, title: str = "") -> 
                 if not np.isnan(v):
                     ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
                             color="white" if v < 0.6 else "black")
-            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if j == 0 else [], fontsize=7)
             if i == 0:
-                ax.set_title(setting, fontsize=8)
+                ax.set_title(setting.replace(" @", "\n@"), fontsize=8)  # matched settings: two lines
             if j == 0:
                 ax.set_ylabel(f"{task}\ndepth of the key", fontsize=7)
             if i == len(tasks) - 1:
