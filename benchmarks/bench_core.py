@@ -210,14 +210,16 @@ def speed(tiny: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf = MambaForCausalLM.from_pretrained(str(save_checkpoint(model, Path(tmp) / "hf", fmt="hf"))).eval()
     prompt_ids = torch.randint(0, 50000, (1, prompt))
+    def ours():
+        return generate(model, prompt_ids, new)
+
+    def theirs():
+        return hf.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                           pad_token_id=0)[:, prompt:]
+
     with torch.no_grad():
-        ours_ids = generate(model, prompt_ids, new)
-        theirs_ids = hf.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 use_cache=True, pad_token_id=0)[:, prompt:]
-        t = medians_side_by_side({
-            "ours": lambda: generate(model, prompt_ids, new),
-            "theirs": lambda: hf.generate(prompt_ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                          use_cache=True, pad_token_id=0)}, 3)
+        ours_ids, theirs_ids = ours(), theirs()
+        t = medians_side_by_side({"ours": ours, "theirs": theirs}, 3)
     agree = float((ours_ids == theirs_ids).float().mean())
     out.update(decode_ours_tokens_per_s=new / t["ours"], decode_transformers_tokens_per_s=new / t["theirs"],
                decode_tokens_per_s_vs_transformers=t["theirs"] / t["ours"], decode_tokens_agree=agree)

@@ -90,18 +90,23 @@ def test_spread_deals_items_in_turn_and_an_error_anywhere_ends_every_process():
         list(mine.spread(items, lambda x: 1 / 0))
 
 
+def one_and_two(args: list[str], tmp_path: Path, result: str) -> tuple[dict, dict, subprocess.CompletedProcess]:
+    """The command run by one process (out: tmp_path/one) and by two under torchrun (tmp_path/two): both
+    `result` files, and the two-process run (for its printed output)."""
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tuple(json.loads((tmp_path / d / result).read_text()) for d in ("one", "two")) + (two,)
+
+
 def test_eval_with_two_gloo_processes_equals_one(models, tmp_path):
     _, model = models
     # batches of 2: the ranks take turns, and the last round leaves one of them idle
     args = ["eval", str(model), "--tasks", "simba_choice", "--limit", "5", "--batch-size", "2",
             "--schedule", "linear", "--final-keep", "0.5", "--ppl-contexts", "48,64", "--ppl-score-last", "16",
             "--ppl-windows", "5", "--quiet"]
-    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    two = torchrun([*args, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "results.json").read_text())
-    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    a, b, two = one_and_two(args, tmp_path, "results.json")
     assert_same(a, b)  # metrics, stderrs, per-task and total measured FLOPs, keep ratios, perplexity windows
     assert b["tasks"]["simba_choice"]["measured"]["flops"] == a["tasks"]["simba_choice"]["measured"]["flops"] > 0
     assert b["measured"]["forwards"] == a["measured"]["forwards"]  # the batches of one process, shared out
@@ -128,12 +133,7 @@ ppl_criteria: [simba]
 batch_size: 3
 """)
     args = ["compare", "--recipe", str(recipe), "--quiet"]
-    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    two = torchrun([*args, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "summary.json").read_text())
-    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    a, b, two = one_and_two(args, tmp_path, "summary.json")
     assert_same(a, b)  # rows (metrics, FLOPs, keep ratios), paired differences, perplexity, breakdowns
     assert all(row["flops_per_doc"] > 0 for row in b["rows"])
     parts = sorted(p.name for p in (tmp_path / "one" / "parts").iterdir())

@@ -223,10 +223,9 @@ def test_offline_tasks_score_the_word_with_its_leading_space():
 
     wanted = {"simba_cloze": "target", "simba_passkey_exact": "answer", "simba_mqar": "answer",
               "simba_choice": None, "simba_passkey": None}
-    loaded = task_dict(list(wanted))["tasks"]
+    loaded = {t.config.task: t for t in task_dict(list(wanted))["tasks"].values()}
     for name, field in wanted.items():
-        task = next(t for key, t in loaded.items() if str(key).split(":")[0].strip("'") == name or
-                    getattr(t, "config", None) and t.config.task == name)
+        task = loaded[name]
         doc = next(iter(task.test_docs()))
         requests = task.construct_requests(doc, task.doc_to_text(doc), metadata=(name, 0, 1))
         requests = requests if isinstance(requests, list) else [requests]
