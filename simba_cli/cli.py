@@ -85,8 +85,9 @@ Schedule = Annotated[str, typer.Option(help="none, linear (the paper's), cosine,
 FinalKeep = Annotated[float, typer.Option(help="Share of the input tokens entering the last layer, in (0, 1]")]
 FirstLayer = Annotated[int, typer.Option(help="First layer that sees fewer tokens (layer 0 sees all)")]
 Stages = Annotated[int, typer.Option(help="Number of steps of the step schedule")]
-Criterion = Annotated[str, typer.Option(help="simba, simba-abs, simba-gated, random, uniform, recent, dt-norm, "
-                                             "output-norm")]
+CRITERION_HELP = ("simba, simba-abs, simba-gated, random, uniform, recent, dt-norm, output-norm; beyond the "
+                  "paper: simba-window[:W[:mean|max]], simba-split[:share], simba-channels[:threshold]")
+Criterion = Annotated[str, typer.Option(help=CRITERION_HELP)]
 SeqLen = Annotated[int, typer.Option(help="Sequence length the FLOPs are counted at")]
 Head = Annotated[str, typer.Option(help="Logits at all positions (perplexity, training) or the last one")]
 Format = Annotated[str, typer.Option(help="table (terminal), json, csv or md, printed on stdout")]
@@ -239,8 +240,7 @@ def eval_cmd(
     = None,
     first_layer: Annotated[int | None, typer.Option(help="Override: first layer that sees fewer tokens")] = None,
     stages: Annotated[int | None, typer.Option(help="Override: steps of the step schedule")] = None,
-    criterion: Annotated[str | None, typer.Option(help="Override: simba, simba-abs, simba-gated, random, "
-                                                       "uniform, recent, dt-norm, output-norm")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Override: " + CRITERION_HELP)] = None,
     ppl_contexts: Annotated[str | None, typer.Option(help="Also long-context perplexity at these context "
                                                           "lengths, e.g. 256,512,1024")] = None,
     ppl_score_last: Annotated[int, typer.Option(help="Scored tokens at the end of each window")] = 64,
@@ -313,13 +313,12 @@ def compare_cmd(
              "value": r.get(r["metric"]), "FLOPs/doc": r["flops_per_doc"], "keep": r["mean_keep"],
              "vs_dense": r["vs_dense"]} for r in summary["rows"]]
     print_table(rows, title="dense vs Simba at measured FLOPs (vs_dense: minus the dense curve at equal FLOPs)")
-    subject = spec.criteria[0]
     if summary["paired"]:
-        keep = ("setting", "task", "vs", "diff", "stderr", "beyond_2se")
+        keep = ("subject", "setting", "task", "vs", "diff", "stderr", "beyond_2se")
         print_table([{"model": Path(p["model"]).name} | {k: p[k] for k in keep} for p in summary["paired"]
-                     if p["vs"] != "dense"], title=f"{subject} minus baseline, paired (positive: {subject} better)")
-        print_table(summary["pooled"], title=f"pooled over models, keeps and tasks (Stouffer z; positive: {subject} "
-                                             f"better)")
+                     if p["vs"] != "dense"], title="subject minus baseline, paired (positive: the subject better)")
+        print_table(summary["pooled"], title="pooled over models, keeps and tasks (Stouffer z; positive: the subject "
+                                             "better)")
     if summary["perplexity"]:
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")
@@ -335,7 +334,7 @@ def generate_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     schedule: Annotated[str | None, typer.Option(help="Prune the prompt's prefill (none = dense)")] = None,
     final_keep: Annotated[float | None, typer.Option(help="Share of the prompt entering the last layer")] = None,
-    criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba)")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba): " + CRITERION_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
 ):
     """Generate text: a Simba-pruned prefill of the prompt (or a dense one), then recurrent decoding."""

@@ -90,6 +90,7 @@ tasks: [simba_choice]
 limit: 3
 final_keeps: [0.5]
 criteria: [simba, recent]
+subjects: [simba, recent]
 match_flops: true
 match_seq_len: 64
 ppl_contexts: [48, 64]
@@ -117,7 +118,12 @@ ppl_windows: 2
     drawn = plot_flops_accuracy(summary["rows"], tmp_path / "again.png")
     criteria = {r["criterion"] for r in summary["rows"]} - {"-"}
     assert set(drawn["criteria"]) == criteria == {"simba", "recent", "truncate"}
-    assert [p["vs"] for p in summary["pooled"]] == list(dict.fromkeys(p["vs"] for p in summary["paired"]))
+    pooled_keys = [(p["subject"], p["vs"]) for p in summary["pooled"]]
+    assert pooled_keys == list(dict.fromkeys((p["subject"], p["vs"]) for p in summary["paired"]))
+    # each subject is paired against the other: the same documents, opposite signs
+    a = {(p["model"], p["task"]): p["diff"] for p in summary["paired"] if (p["subject"], p["vs"]) == ("simba", "recent")}
+    b = {(p["model"], p["task"]): p["diff"] for p in summary["paired"] if (p["subject"], p["vs"]) == ("recent", "simba")}
+    assert a and a.keys() == b.keys() and all(a[k] == pytest.approx(-b[k]) for k in a)
     # perplexity, paired over windows: the windows' mean NLLs average to the row's NLL, and the paired
     # difference is the mean of the per-window differences
     ppl = {(r["model"], r["setting"], r["context"]): r for r in summary["perplexity"]}

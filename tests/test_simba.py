@@ -194,7 +194,7 @@ def reference_score(scan, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("criterion", ["simba", "recent", "random"])
+@pytest.mark.parametrize("criterion", ["simba", "recent", "random", "simba-window:4", "simba-split", "simba-channels"])
 def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion, family):
     model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 30))
@@ -232,7 +232,8 @@ def test_schedule_none_is_the_dense_model_bit_for_bit(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("criterion", ["simba", "random"])
+@pytest.mark.parametrize("criterion", ["simba", "random", "simba-window:4", "simba-window:4:max", "simba-split",
+                                       "simba-channels"])
 def test_each_sequence_of_a_padded_batch_equals_itself_alone(criterion, family):
     model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (3, 26))

@@ -53,6 +53,7 @@ class CompareSpec:
     schedule: str = "linear"
     final_keeps: list[float] = field(default_factory=lambda: [0.1])
     criteria: list[str] = field(default_factory=lambda: ["simba", "recent", "random"])
+    subjects: list[str] = field(default_factory=list)  # criteria paired against every other (empty: the first)
     truncate: bool = True  # beside each pruned point, the dense model reading only the last tokens, same FLOPs
     match_flops: bool = True  # also prune each model to the next smaller model's FLOPs, where reachable
     match_seq_len: int = 1024
@@ -79,6 +80,9 @@ class CompareSpec:
             raise UserError("compare needs at least one criterion (the first is compared with the others)")
         for c in [*self.criteria, *self.ppl_criteria]:
             check_criterion(c)
+        for c in self.subjects:
+            if c not in self.criteria:
+                raise UserError(f"subject {c!r} is not among the criteria; add it to criteria or drop it from subjects")
         for k in [*self.final_keeps, self.ppl_final_keep]:
             PruneConfig(schedule=self.schedule, final_keep=k)  # validates
         if self.limit is not None and self.limit < 2:
@@ -299,9 +303,10 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     rows = [r.row for r in results]
     ppl_rows = [r.row for r in ppl_results]
     at_equal_flops(rows)
-    subject = spec.criteria[0]
-    pairs = paired_rows(results, subject) + paired_rows(ppl_results, subject)
+    subjects = spec.subjects or [spec.criteria[0]]
+    pairs = [p for s in subjects for p in paired_rows(results, s) + paired_rows(ppl_results, s)]
     pooled = pooled_z(pairs)
+    subject = " / ".join(subjects)
     write_tables(rows, out / "compare", notes=COMPARE_NOTES)
     if ppl_rows:
         write_tables(table_rows(ppl_rows), out / "perplexity", notes=PPL_NOTES)
@@ -381,14 +386,14 @@ context length; `flops_per_window` and `mean_keep` measured.
 """
 
 PAIRED_NOTES = """\
-`diff`: {subject} minus `vs` over the same documents (or perplexity windows), in the units of `per_doc`
-(acc, acc_norm: 0/1 per document; loglik/token: nats per token); positive means {subject} is better.
+`diff`: `subject` ({subject}) minus `vs` over the same documents (or perplexity windows), in the units of `per_doc`
+(acc, acc_norm: 0/1 per document; loglik/token: nats per token); positive means the subject is better.
 `stderr`: the standard error of the paired mean; `z` = diff / stderr; `beyond_2se` marks |z| > 2.
 """
 
 POOLED_NOTES = """\
-Stouffer's z over every paired comparison with `vs` (each diff over its stderr, summed, over sqrt(n));
-positive means {subject} is better; `better` / `worse`: how many comparisons point each way.
+Stouffer's z over every paired comparison of `subject` ({subject}) with `vs` (each diff over its stderr,
+summed, over sqrt(n)); positive means the subject is better; `better` / `worse`: how many comparisons point each way.
 """
 
 
@@ -502,6 +507,6 @@ def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
             unit = "loglik/token" if r.task.startswith("ppl@") or metric == "loglik_per_token" else metric
             oc = other.setting.config
             vs = "dense" if oc.dense else "truncate" if oc.schedule == "truncate" else oc.criterion
-            out.append(pair_row(mean, se, model=r.model, setting=r.setting.label, task=r.task, per_doc=unit, vs=vs,
-                                docs=len(r.per_doc)))
+            out.append(pair_row(mean, se, subject=subject, model=r.model, setting=r.setting.label, task=r.task,
+                                per_doc=unit, vs=vs, docs=len(r.per_doc)))
     return out

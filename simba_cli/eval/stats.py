@@ -28,12 +28,14 @@ def pair_row(mean: float, se: float, **fields) -> dict:
 
 
 def pooled_z(pairs: list[dict]) -> list[dict]:
-    """One line per other setting: the paired differences against it (every model, keep and task, in their
-    own units) pooled as Stouffer's z = sum(diff / stderr) / sqrt(n); positive means the subject is better.
-    A comparison whose documents all agree (stderr 0) counts as z = 0."""
+    """One line per subject and other setting: the paired differences of the subject against it (every model,
+    keep and task, in their own units) pooled as Stouffer's z = sum(diff / stderr) / sqrt(n); positive means
+    the subject is better. A comparison whose documents all agree (stderr 0) counts as z = 0."""
     out = []
-    for vs in dict.fromkeys(p["vs"] for p in pairs):
-        zs = [p["diff"] / p["stderr"] if p["stderr"] > 0 else 0.0 for p in pairs if p["vs"] == vs]
-        out.append({"vs": vs, "comparisons": len(zs), "z": sum(zs) / math.sqrt(len(zs)),
+    for subject, vs in dict.fromkeys((p.get("subject"), p["vs"]) for p in pairs):
+        zs = [p["diff"] / p["stderr"] if p["stderr"] > 0 else 0.0 for p in pairs
+              if p["vs"] == vs and p.get("subject") == subject]
+        head = {} if subject is None else {"subject": subject}
+        out.append({**head, "vs": vs, "comparisons": len(zs), "z": sum(zs) / math.sqrt(len(zs)),
                     "better": sum(z > 0 for z in zs), "worse": sum(z < 0 for z in zs)})
     return out

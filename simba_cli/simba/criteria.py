@@ -34,15 +34,28 @@ import torch.nn.functional as F
 from simba_cli.errors import UserError
 from simba_cli.models.mamba import ScanInputs
 from simba_cli.models.mamba2 import SSDScanInputs
+from simba_cli.simba.criteria_beyond import VARIANTS, parse_variant, variant_score
 from simba_cli.simba.criteria_ssd import ssd_score
 
-CRITERIA = ("simba", "simba-abs", "simba-gated", "random", "uniform", "recent", "dt-norm", "output-norm")
-NEEDS_SCAN = {"simba", "simba-abs", "simba-gated", "dt-norm"}
+CRITERIA = ("simba", "simba-abs", "simba-gated", "random", "uniform", "recent", "dt-norm", "output-norm",
+            *VARIANTS)
+
+
+def base_name(criterion: str) -> str:
+    """The criterion's name without its options ('simba-window:64:max' -> 'simba-window')."""
+    return criterion.split(":")[0]
+
+
+def needs_scan(criterion: str) -> bool:
+    """Whether the criterion reads the layer's scan inputs (which the layer then keeps)."""
+    return base_name(criterion).startswith("simba") or criterion == "dt-norm"
 
 
 def check_criterion(name: str) -> str:
-    if name not in CRITERIA:
-        raise UserError(f"unknown criterion {name!r}; use one of {', '.join(CRITERIA)}")
+    """The name, if it names a criterion (with valid options); else a one-line error."""
+    if not isinstance(name, str) or (parse_variant(name) is None and name not in CRITERIA):
+        raise UserError(f"unknown criterion {name!r}; use one of {', '.join(CRITERIA)} (options after colons: "
+                        f"simba-window:32:mean, simba-split:0.5, simba-channels:0.1)")
     return name
 
 
@@ -57,33 +70,61 @@ class LayerView:
     layer: int
     seed: int = 0
     row_seeds: list[int] | None = None  # per sequence, from its tokens (`random`: independent of batching)
+    protected: torch.Tensor | None = None  # (b, l) bool, positions never pruned (each last token among them)
+    caller_protected: torch.Tensor | None = None  # (b,) bool, whether the caller protected any position
 
 
-def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
-    """dy_T(t) for every t, (b, l, D): the reference formula (materialises (b, chunk, D, N); for tests)."""
+def weighted_contributions(u, dt, A, B, W, start) -> torch.Tensor:
+    """v_t[d] = dt_t[d] u_t[d] sum_n W[d, n] B_t[n] exp(A[d, n] S_t[d]), S_t = sum_{k=t+1..start} dt_k, for
+    every t <= start, else 0: (b, l, D). W (b, D, N), start (b,). The reference formula (materialises
+    (b, chunk, D, N); for tests and devices without a kernel). Every exponent is <= 0."""
     b, l, d = u.shape
     t_idx = torch.arange(l, device=u.device)[None, :]
-    upto = (t_idx <= last_idx[:, None]).to(dt.dtype)[..., None]
+    upto = (t_idx <= start[:, None]).to(dt.dtype)[..., None]
     dtm = dt * upto
-    S = dtm.flip(1).cumsum(1).flip(1) - dtm  # S_t = sum_{t < k <= T} dt_k
-    c_T = C[torch.arange(b), last_idx]  # (b, N)
+    S = dtm.flip(1).cumsum(1).flip(1) - dtm  # S_t = sum_{t < k <= start} dt_k
+    W = W.to(dt.dtype)
     out = torch.empty_like(u, dtype=dt.dtype)
     step = max(1, (1 << 24) // max(1, d * A.shape[1] * b))
     for s in range(0, l, step):
         e = torch.exp(A[None, None] * S[:, s:s + step, :, None])  # (b, c, D, N)
-        out[:, s:s + step] = torch.einsum("bcdn,bn,bcn->bcd", e, c_T.to(e.dtype), B[:, s:s + step].to(e.dtype))
+        out[:, s:s + step] = torch.einsum("bcdn,bdn,bcn->bcd", e, W, B[:, s:s + step].to(e.dtype))
     return out * dt * u.to(dt.dtype) * upto
 
 
-def simba_score_reference(u, dt, A, B, C, last_idx, absolute=False, gate_T=None) -> torch.Tensor:
-    contrib = simba_contributions(u, dt, A, B, C, last_idx)
-    if gate_T is not None:
-        contrib = contrib * gate_T[:, None, :].to(contrib.dtype)
+def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
+    """dy_T(t) for every t, (b, l, D): the weighted form with W[d, n] = C_T[n], start = T."""
+    c_T = C[torch.arange(u.shape[0]), last_idx]  # (b, N)
+    return weighted_contributions(u, dt, A, B, c_T[:, None, :].expand(-1, u.shape[2], -1), last_idx)
+
+
+def reduce_channels(contrib, start, absolute=False, gate=None, use=None) -> torch.Tensor:
+    """(b, l, D) contributions -> (b, l): the maximum over the used channels (of |v|, or of v times a gate
+    (b, D)); -inf after each sequence's `start`."""
+    if gate is not None:
+        contrib = contrib * gate[:, None, :].to(contrib.dtype)
     if absolute:
         contrib = contrib.abs()
+    if use is not None:
+        contrib = contrib.masked_fill(~use[:, None, :], float("-inf"))
     scores = contrib.amax(-1)
-    after = torch.arange(u.shape[1], device=u.device)[None, :] > last_idx[:, None]
+    after = torch.arange(contrib.shape[1], device=contrib.device)[None, :] > start[:, None]
     return scores.masked_fill(after, float("-inf"))
+
+
+def simba_score_reference(u, dt, A, B, C, last_idx, absolute=False, gate_T=None) -> torch.Tensor:
+    return reduce_channels(simba_contributions(u, dt, A, B, C, last_idx), last_idx, absolute, gate_T)
+
+
+def weighted_score(u, dt, A, B, W, start, absolute=False, gate=None, use=None) -> torch.Tensor:
+    """The weighted form reduced over channels (`reduce_channels`), (b, l): the numba kernel for float32 on
+    CPU, else the reference formula in the scan's dtype."""
+    if u.device.type == "cpu" and dt.dtype == torch.float32:
+        from simba_cli.simba.score_cpu import weighted_score_cpu
+
+        return weighted_score_cpu(u, dt, A, B, W, start, absolute, gate, use)
+    f = lambda x: x.to(dt.dtype)
+    return reduce_channels(weighted_contributions(f(u), dt, f(A), f(B), W, start), start, absolute, gate, use)
 
 
 def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant: str = "simba") -> torch.Tensor:
@@ -100,16 +141,12 @@ def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant
         gate_T = F.silu(scan.z[torch.arange(scan.z.shape[0]), last_idx].float())
     absolute = variant == "simba-abs"
     u, A, B, C = scan.u, scan.A, scan.B, scan.C
-    if u.device.type == "cpu" and dt.dtype == torch.float32:
-        from simba_cli.simba.score_cpu import simba_score_cpu
-
-        return simba_score_cpu(u, dt, A, B, C, last_idx, absolute, gate_T)
     if u.device.type == "cuda":
         from simba_kernels.simba_score import simba_score as triton_score
 
         return triton_score(u, dt, A, B, C, last_idx, absolute=absolute, gate_T=gate_T)
-    return simba_score_reference(u.to(dt.dtype), dt, A.to(dt.dtype), B.to(dt.dtype), C.to(dt.dtype), last_idx,
-                                 absolute, gate_T)
+    c_T = C[torch.arange(u.shape[0]), last_idx]
+    return weighted_score(u, dt, A, B, c_T[:, None, :].expand(-1, u.shape[2], -1), last_idx, absolute, gate_T)
 
 
 def _seed_of(data: bytes) -> int:
@@ -137,7 +174,13 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
     lengths = view.lengths
     b, l = view.output.shape[:2]
     device = view.output.device
-    if criterion.startswith("simba"):
+    if parse_variant(criterion) is not None:
+        protected = view.protected
+        if protected is None:  # the last token alone
+            protected = torch.arange(l, device=device)[None, :] == lengths[:, None] - 1
+        caller = view.caller_protected if view.caller_protected is not None else torch.zeros_like(lengths).bool()
+        scores = variant_score(criterion, view.scan, lengths, view.keep, protected, caller)
+    elif criterion.startswith("simba"):
         scores = simba_score(view.scan, lengths, criterion)
     elif criterion == "random":
         # A fresh draw per sequence and layer, fixed by the seed and the sequence's own tokens: the same

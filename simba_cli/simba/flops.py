@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.mamba2 import Mamba2Config
 from simba_cli.simba import flops_ssd
+from simba_cli.simba.criteria_beyond import cost_factor
 from simba_cli.simba.settings import mean_keep
 
 Config = MambaConfig | Mamba2Config
@@ -60,8 +61,9 @@ def count_layer(cfg: Config, tokens: int) -> int:
 def criterion_flops_per_token(cfg: Config, criterion: str) -> int:
     if isinstance(cfg, Mamba2Config):
         return flops_ssd.criterion_flops_per_token_ssd(cfg, criterion)
-    if criterion.startswith("simba"):
-        return 4 * cfg.d_inner * cfg.d_state + 4 * cfg.d_inner
+    if criterion.startswith("simba"):  # the weighted form: an exp and 3 flops per (channel, state), 4 per channel
+        extra = 2 * cfg.d_inner if criterion.startswith("simba-channels") else 0  # the decay sums
+        return cost_factor(criterion) * (4 * cfg.d_inner * cfg.d_state + 4 * cfg.d_inner) + extra
     return {"dt-norm": 2 * cfg.d_inner, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
 

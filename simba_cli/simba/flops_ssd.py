@@ -33,6 +33,7 @@ Per position whose logits are computed: the final norm 4 d and the LM head 2 d V
 from __future__ import annotations
 
 from simba_cli.models.mamba2 import Mamba2Config
+from simba_cli.simba.criteria_beyond import cost_factor
 
 
 def _official(d_model: int, n_layer: int) -> Mamba2Config:
@@ -74,7 +75,8 @@ def count_layer_ssd(cfg: Mamba2Config, tokens: int) -> int:
 
 def criterion_flops_per_token_ssd(cfg: Mamba2Config, criterion: str = "simba") -> int:
     if criterion.startswith("simba"):
-        return 2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner
+        extra = 2 * cfg.n_heads if criterion.startswith("simba-channels") else 0  # the decay sums
+        return cost_factor(criterion) * (2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner) + extra
     return {"dt-norm": 2 * cfg.n_heads, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
 

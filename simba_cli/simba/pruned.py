@@ -29,7 +29,7 @@ import torch
 from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
 from simba_cli.models.mamba import BlockLM
-from simba_cli.simba.criteria import NEEDS_SCAN, LayerView, score, sequence_seeds
+from simba_cli.simba.criteria import LayerView, needs_scan, score, sequence_seeds
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
 from simba_cli.simba.settings import DENSE, PruneConfig
 
@@ -100,10 +100,12 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
     pos_grid = torch.arange(L, device=device)[None, :]
     real = pos_grid < lengths[:, None]
     prot = torch.zeros(b, L, dtype=torch.bool, device=device) if protected is None else protected.to(device).bool()
-    prot = (prot & real) | (pos_grid == lengths[:, None] - 1)
+    prot = prot & real
+    caller_protected = prot.any(1)  # (simba-window reads these positions' outputs where there are any)
+    prot = prot | (pos_grid == lengths[:, None] - 1)
     ratios = config.keep_ratios(cfg.n_layer)
     keep = budgets(ratios, lengths, prot.sum(1))
-    needs_scan = config.criterion in NEEDS_SCAN
+    scan_needed = needs_scan(config.criterion)
     row_seeds = sequence_seeds(input_ids, lengths) if config.criterion == "random" else None
 
     hidden, residual = model.embed(input_ids), None
@@ -121,7 +123,7 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
     kept_trace, conv_states, ssm_states = [], [], []
     for i, block in enumerate(model.layers):
         prune_here = i + 1 < cfg.n_layer and bool((keep[i + 1] < cur_len).any())
-        out, residual = block(hidden, residual, cur_len, keep_scan_inputs=prune_here and needs_scan,
+        out, residual = block(hidden, residual, cur_len, keep_scan_inputs=prune_here and scan_needed,
                               final_state=final_state)
         hidden = out.out
         n_tokens = int(cur_len.sum())
@@ -135,7 +137,7 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
             ssm_states.append(out.ssm_state.float())
         if not prune_here:
             continue
-        view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed, row_seeds)
+        view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed, row_seeds, prot, caller_protected)
         scores = score(config.criterion, view)
         crit_flops[-1] = count_criterion(cfg, config.criterion, n_tokens)
         idx, new_len = select(scores, cur_len, keep[i + 1], prot)
