@@ -38,3 +38,27 @@ def provenance(**extra) -> dict:
     """Versions, commit and the command line, plus whatever the caller adds (seed, device, ...)."""
     argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
     return {"versions": versions(), "git_commit": git_commit(), "command": " ".join(argv), **extra}
+
+
+def model_fingerprint(name: str) -> str:
+    """A short fingerprint of a model's files, so that results computed from other weights under the same name
+    (a retrained zoo model, an updated directory) are never reused: for a zoo name or a local directory, a
+    hash of every file's name, size and first and last MiB (cheap on multi-GB checkpoints); for a hub id,
+    the id itself (its revision is what the hub cache holds)."""
+    import hashlib
+
+    from simba_cli.models import zoo
+
+    directory = zoo.path(name) or (Path(name) if Path(name).is_dir() else None)
+    if directory is None:
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(directory)}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]

@@ -152,3 +152,14 @@ ppl_windows: 2
     resumed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir()) == parts
+    # other weights under the same name (a retrained model): its parts are computed again, the other's reused
+    save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4, d_model=48), 5), big, tokenizer=tok,
+                    overwrite=True)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    again = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
+    assert again.exit_code == 0, again.output
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
+    new = set(after) - set(before)
+    assert new and all(n.startswith("b__") for n in new)
+    assert all(after[n] == t for n, t in before.items())
+    assert json.loads((out / "summary.json").read_text())["perplexity"] != summary["perplexity"]

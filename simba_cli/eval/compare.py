@@ -134,6 +134,7 @@ class Plan:
     tasks: dict | None  # lm-eval's loaded task dict
     leaves: list[str]  # the tasks that run (a group such as mmlu runs as its member tasks)
     ppl_settings: dict[str, list[Setting]]
+    fingerprints: dict[str, str]  # model -> `provenance.model_fingerprint` (its weights, for resuming)
 
     @property
     def n_jobs(self) -> int:
@@ -184,7 +185,9 @@ def setup(spec: CompareSpec) -> Plan:
     ppl_spec = dataclasses.replace(spec, final_keeps=[spec.ppl_final_keep], criteria=spec.ppl_criteria,
                                    match_flops=False)
     ppl = {name: settings_for(ppl_spec, name, None) for name in models}
-    return Plan(spec, models, settings, tasks, leaves, ppl)
+    from simba_cli.provenance import model_fingerprint
+
+    return Plan(spec, models, settings, tasks, leaves, ppl, {name: model_fingerprint(name) for name in models})
 
 
 def prepare_out(out: Path, spec: CompareSpec, overwrite: bool = False, resume: bool = False) -> bool:
@@ -203,9 +206,10 @@ def prepare_out(out: Path, spec: CompareSpec, overwrite: bool = False, resume: b
     return bool(parts)
 
 
-def _part_path(out: Path, model: str, setting: Setting, task: str) -> Path:
-    """parts/<model>__<label>__<task>__<hash of the whole setting>.json: readable, and unique per setting."""
-    ident = json.dumps([model, setting.config.to_dict(), setting.matched, task])
+def _part_path(out: Path, model: str, setting: Setting, task: str, fingerprint: str) -> Path:
+    """parts/<model>__<label>__<task>__<hash of the whole setting>.json: readable, and unique per setting and
+    per model weights (`fingerprint`: a retrained model's old parts are not reused)."""
+    ident = json.dumps([model, setting.config.to_dict(), setting.matched, task, fingerprint])
     name = "__".join(x.replace("/", "_").replace(" ", "_").replace("@", "at-")
                      for x in (Path(model).name, setting.label, task))
     return out / "parts" / f"{name}__{hashlib.sha256(ident.encode()).hexdigest()[:8]}.json"
@@ -263,7 +267,7 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
             lm = SimbaLM(runner=runner, batch_size=spec.batch_size)
             for setting in plan.settings[name]:
                 for task in plan.leaves:
-                    path = _part_path(out, name, setting, task)
+                    path = _part_path(out, name, setting, task, plan.fingerprints[name])
                     part = finished(path)
                     if part is None:
                         bar.describe(f"{Path(name).name} {setting.label} {task}")
@@ -275,7 +279,7 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
             if spec.ppl_contexts:
                 stream = token_stream(runner.tokenizer)
                 for setting in plan.ppl_settings[name]:
-                    path = _part_path(out, name, setting, "ppl")
+                    path = _part_path(out, name, setting, "ppl", plan.fingerprints[name])
                     rows = finished(path)
                     if rows is None:
                         bar.describe(f"{Path(name).name} {setting.label} perplexity")
@@ -332,7 +336,7 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     summary = {"spec": spec.to_dict(), "rows": rows, "perplexity": ppl_rows, "paired": pairs, "pooled": pooled,
                "breakdown": cells,
                "figures": figures, "elapsed_s": time.time() - started,
-               "provenance": provenance(seed=spec.seed, device=spec.device)}
+               "provenance": provenance(seed=spec.seed, device=spec.device, model_fingerprints=plan.fingerprints)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
