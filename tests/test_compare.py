@@ -121,8 +121,9 @@ ppl_windows: 2
     pooled_keys = [(p["subject"], p["vs"]) for p in summary["pooled"]]
     assert pooled_keys == list(dict.fromkeys((p["subject"], p["vs"]) for p in summary["paired"]))
     # each subject is paired against the other: the same documents, opposite signs
-    a = {(p["model"], p["task"]): p["diff"] for p in summary["paired"] if (p["subject"], p["vs"]) == ("simba", "recent")}
-    b = {(p["model"], p["task"]): p["diff"] for p in summary["paired"] if (p["subject"], p["vs"]) == ("recent", "simba")}
+    diffs = lambda pair: {(p["model"], p["task"]): p["diff"] for p in summary["paired"]
+                          if (p["subject"], p["vs"]) == pair}
+    a, b = diffs(("simba", "recent")), diffs(("recent", "simba"))
     assert a and a.keys() == b.keys() and all(a[k] == pytest.approx(-b[k]) for k in a)
     # perplexity, paired over windows: the windows' mean NLLs average to the row's NLL, and the paired
     # difference is the mean of the per-window differences
