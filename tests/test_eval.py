@@ -235,3 +235,31 @@ def test_offline_tasks_score_the_word_with_its_leading_space():
         else:  # multiple choice: lm-eval adds the task's delimiter to each choice
             assert all(c[:1] in (" ", "\n") and c[1:] in doc["choices"] for c in continuations), (name, continuations)
         assert not task.doc_to_text(doc).endswith(" ")
+
+
+def test_recent_overlap_is_the_share_of_the_last_layers_tokens_that_are_the_most_recent():
+    """Recent and dense keep only the most recent tokens (overlap 1); for Simba the share is counted from the
+    trace of tokens entering the last layer, against the last k positions, by hand."""
+    import torch
+
+    from simba_cli.eval.perplexity import long_context_perplexity
+    from simba_cli.simba.pruned import pruned_forward
+    from simba_cli.simba.settings import DENSE, PruneConfig
+    from tests.conftest import random_model, tiny_config
+
+    model = random_model(tiny_config(n_layer=4), seed=4)
+    stream = torch.randint(0, 64, (400,))
+    args = dict(contexts=(64,), score_last=8, windows=4, batch_size=2)
+    overlap = lambda cfg: long_context_perplexity(model, stream, cfg, **args)[0]["recent_overlap"]
+    assert overlap(DENSE) == 1.0 and overlap(PruneConfig(final_keep=0.2, criterion="recent")) == 1.0
+    simba = PruneConfig(final_keep=0.2, criterion="simba", mode="protect")
+    ends = torch.linspace(64, 399, 4).long().tolist()
+    shares = []
+    for e in ends:
+        ids = stream[e - 64:e][None]
+        protected = torch.zeros_like(ids, dtype=torch.bool)
+        protected[:, -8:] = True
+        last = pruned_forward(model, ids, simba, protected=protected, trace=True).kept[-1][0].tolist()
+        shares.append(sum(p >= 64 - len(last) for p in last) / len(last))
+    assert overlap(simba) == pytest.approx(sum(shares) / 4)
+    assert min(shares) < 1  # Simba keeps some older tokens here, so the check can tell

@@ -52,8 +52,10 @@ def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
                             device="cpu", on_window=None, dist=None) -> list[dict]:
-    """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, and
-    each window's mean NLL per scored token (`window_nll`, in window order).
+    """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, each
+    window's mean NLL per scored token (`window_nll`, in window order), and `recent_overlap`: of the tokens
+    entering the last layer, the share that are the most recent ones (what `recent` would keep with the same
+    budget; 1 for dense, truncate and recent), averaged over windows.
 
     dist (a `distributed.Dist`): under torchrun, each process runs its share of the batches of windows and
     every process gets the rows of the whole run (the same as one process's)."""
@@ -74,14 +76,18 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
             targets = torch.stack([stream[e - score_last + 1:e + 1] for e in batch]).to(device)
             protected = torch.zeros_like(ids, dtype=torch.bool)
             protected[:, -score_last:] = True
-            out = pruned_forward(model, ids, config, protected=protected)
+            out = pruned_forward(model, ids, config, protected=protected, trace=True)
             # In protect mode the logits rows are the protected positions, in order.
             logp = F.log_softmax(out.logits[:, -score_last:].float(), dim=-1)
-            return -logp.gather(2, targets[..., None])[..., 0].sum(1).cpu(), out.flops
+            last = out.kept[-1]  # (b, k) positions entering the last layer, -1 on padding
+            k = (last >= 0).sum(1)
+            overlap = ((last >= L - k[:, None]) & (last >= 0)).sum(1) / k
+            return -logp.gather(2, targets[..., None])[..., 0].sum(1).cpu(), out.flops, overlap.cpu()
 
-        nll, count, flops, per_window = 0.0, 0, None, []
-        for batch, (window_nll, ran) in dist.spread(batches, score):
+        nll, count, flops, per_window, overlaps = 0.0, 0, None, [], []
+        for batch, (window_nll, ran, overlap) in dist.spread(batches, score):
             flops = ran if flops is None else flops + ran
+            overlaps += overlap.tolist()
             per_window += (window_nll / score_last).tolist()
             nll += float(window_nll.sum())
             count += len(batch) * score_last
@@ -89,7 +95,7 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
                 on_window(len(batch))
         rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
                      "flops": flops.total, "flops_per_window": flops.total / len(ends),
-                     "mean_keep": flops.mean_keep,
+                     "mean_keep": flops.mean_keep, "recent_overlap": sum(overlaps) / len(overlaps),
                      "window_nll": per_window})  # per window, for paired differences
     return rows
 
@@ -97,5 +103,5 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
 def table_rows(rows: list[dict]) -> list[dict]:
     """Perplexity rows for a table, narrow enough for a terminal: the per-window list, the total FLOPs and
     the NLL stay in the JSON results."""
-    keep = ("model", "setting", "context", "ppl", "scored_tokens", "flops_per_window", "mean_keep")
+    keep = ("model", "setting", "context", "ppl", "scored_tokens", "flops_per_window", "mean_keep", "recent_overlap")
     return [{k: r[k] for k in keep if k in r} for r in rows]
