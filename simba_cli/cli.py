@@ -321,7 +321,8 @@ def compare_cmd(
                                              "better)")
     if summary["perplexity"]:
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
-    typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s)")
+    typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s; its evaluations, summed "
+               f"over every run that computed them: {summary['compute_s']:.0f} s)")
 
 
 @command("generate")

@@ -153,6 +153,9 @@ ppl_windows: 2
     resumed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.stat().st_mtime_ns for p in (out / "parts").iterdir()) == parts
+    # the comparison's evaluation time is its parts', whichever run computed them
+    assert json.loads((out / "summary.json").read_text())["compute_s"] == pytest.approx(summary["compute_s"])
+    assert summary["compute_s"] > 0
     # other weights under the same name (a retrained model): its parts are computed again, the other's reused
     save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4, d_model=48), 5), big, tokenizer=tok,
                     overwrite=True)

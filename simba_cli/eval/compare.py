@@ -225,6 +225,7 @@ class Result:
     row: dict
     per_doc: list[float]
     doc_info: list[dict] | None = None
+    seconds: float = 0.0  # the time its evaluation took (of a perplexity part's rows, on the first)
 
 
 def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) -> tuple[list[Result], list[Result]]:
@@ -272,9 +273,11 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
                     if part is None:
                         bar.describe(f"{Path(name).name} {setting.label} {task}")
                         runner.config = setting.config
+                        began = time.time()
                         r = run_tasks(lm, only(plan.tasks, task), limit=spec.limit, log_samples=True)
-                        part = save(path, _part(lm, name, setting, task, r))
-                    results.append(Result(name, setting, task, part["row"], part["per_doc"], part.get("doc_info")))
+                        part = save(path, {**_part(lm, name, setting, task, r), "seconds": time.time() - began})
+                    results.append(Result(name, setting, task, part["row"], part["per_doc"], part.get("doc_info"),
+                                          part.get("seconds", 0.0)))
                     bar.advance()
             if spec.ppl_contexts:
                 stream = token_stream(runner.tokenizer)
@@ -283,13 +286,17 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
                     rows = finished(path)
                     if rows is None:
                         bar.describe(f"{Path(name).name} {setting.label} perplexity")
+                        began = time.time()
                         rows = long_context_perplexity(runner.model, stream, setting.config, spec.ppl_contexts,
                                                        spec.ppl_score_last, spec.ppl_windows, spec.batch_size,
                                                        runner.device, dist=dd)
-                        rows = save(path, [{"model": name, "setting": setting.label, **r} for r in rows])
-                    for r in rows:
+                        took = time.time() - began
+                        rows = save(path, [{"model": name, "setting": setting.label, **r, "part_seconds": took}
+                                           for r in rows])
+                    for i, r in enumerate(rows):
                         ppl_results.append(Result(name, setting, f"ppl@{r['context']}", r,
-                                                  [-x for x in r["window_nll"]]))
+                                                  [-x for x in r["window_nll"]],
+                                                  seconds=r.get("part_seconds", 0.0) if i == 0 else 0.0))
                     bar.advance()
             del lm, runner
     return results, ppl_results
@@ -336,6 +343,8 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     summary = {"spec": spec.to_dict(), "rows": rows, "perplexity": ppl_rows, "paired": pairs, "pooled": pooled,
                "breakdown": cells,
                "figures": figures, "elapsed_s": time.time() - started,
+               # the whole comparison's evaluation time, summed over its parts (whichever run computed them)
+               "compute_s": sum(r.seconds for r in results + ppl_results),
                "provenance": provenance(seed=spec.seed, device=spec.device, model_fingerprints=plan.fingerprints)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
