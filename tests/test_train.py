@@ -262,4 +262,4 @@ def test_zoo_model_reproduces_its_recorded_perplexity(name):
     recipe = tiny_recipe("unused")
     recipe.prune = None
     val = loop.evaluate_loss(loaded.model, windows, loop.LossFn(recipe), 8, "cpu")
-    assert math.exp(val) == pytest.approx(metrics["val_ppl"], rel=1e-3)
+    assert math.exp(val) == pytest.approx(metrics["val_ppl"], rel=1e-5)  # measured on the published (bf16) weights

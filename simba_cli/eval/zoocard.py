@@ -6,6 +6,8 @@
                               a model that uses its context has the second lower
     passkey_acc               greedy exact match of the pass key (simba_passkey's documents at the model's
                               training length, every depth), dense; passkey_by_depth the same per depth
+    val_ppl                   the run's held-out perplexity (validation windows of its recipe), measured again
+                              on the published weights; val_ppl_fp32 is the run's own, before bf16
 
     python -m simba_cli.eval.zoocard runs/zoo/zoo-m           # publish a trained run into the zoo
 
@@ -50,7 +52,26 @@ def measure(model_dir: str | Path, length: int | None = None, score_last: int = 
     hits = [h for v in by_depth.values() for h in v]
     card.update(passkey_acc=sum(hits) / len(hits), passkey_length=length, passkey_docs=len(hits),
                 passkey_by_depth={k: sum(v) / len(v) for k, v in sorted(by_depth.items())})
+    if (Path(model_dir) / "recipe.yaml").is_file() and "val_ppl" in metrics:
+        card.update(val_ppl=held_out_ppl(runner, Path(model_dir) / "recipe.yaml"),
+                    val_ppl_fp32=metrics.get("val_ppl_fp32", metrics["val_ppl"]))
     return card
+
+
+def held_out_ppl(runner, recipe_path: Path) -> float:
+    """Perplexity on the validation windows the run was evaluated on (its recipe's data), as training does."""
+    import math
+
+    from simba_cli.data.corpus import load_texts
+    from simba_cli.data.tokens import eval_windows, tokenize_documents
+    from simba_cli.train.loop import LossFn, evaluate_loss
+    from simba_cli.train.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    recipe.prune = None
+    docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
+    windows = eval_windows(tokenize_documents(runner.tokenizer, docs), recipe.data.seq_len, recipe.data.val_tokens)
+    return math.exp(evaluate_loss(runner.model, windows, LossFn(recipe), 8, runner.device))
 
 
 def publish(run: str | Path, name: str | None = None) -> dict:
