@@ -61,6 +61,8 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
     (["--final-keep", "1.5"], ["final_keep"]),
     (["--schedule", "zigzag"], ["zigzag", "linear"]),
     (["--criterion", "oracle"], ["oracle", "simba"]),
+    (["--criterion", "simba-window:8:median"], ["median", "mean or max"]),
+    (["--criterion", "simba-split:1.5"], ["recent share", "[0, 1]"]),
     (["--first-layer", "0"], ["first_layer"]),
     (["--seq-len", "1"], ["too short", "at least 2"]),
     (["--seq-len", "0"], ["too short"]),
@@ -68,6 +70,25 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
 def test_prune_rejects_bad_settings(model_dir, tmp_path, args, words):
     one_line_error(run("prune", model_dir, "--out", tmp_path / "x", *args), *words)
     assert not (tmp_path / "x" / "simba.yaml").exists()
+
+
+@pytest.mark.parametrize("criterion", ["simba-window", "simba-window:16:max", "simba-split:0.25", "simba-channels"])
+def test_prune_and_load_with_the_criteria_beyond_the_paper(criterion, tmp_path):
+    """`simba prune zoo-s --criterion <each new name>` writes an artifact that loads and runs with it."""
+    import torch
+
+    from simba_cli.simba.artifact import load_any
+    from simba_cli.simba.pruned import pruned_forward
+
+    out = tmp_path / "p"
+    r = run("prune", "zoo-s", "--criterion", criterion, "--out", out, "--seq-len", 256)
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((out / "simba.yaml").read_text())["prune"]["criterion"] == criterion
+    loaded, config = load_any(str(out), with_tokenizer=False)
+    assert config.criterion == criterion
+    with torch.no_grad():
+        res = pruned_forward(loaded.model, torch.randint(0, 2000, (2, 256)), config, torch.tensor([256, 200]))
+    assert res.tokens_per_layer[-1].tolist() == [26, 20]
 
 
 def test_missing_model_is_a_one_line_error(tmp_path):
