@@ -40,8 +40,8 @@ def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess
                           text=True)
 
 
-def assert_same(one, two, where="", skip=("provenance", "elapsed_s")):
-    """Equal structures: integers (FLOPs, token counts) exactly, floats to rounding."""
+def assert_same(one, two, where="", skip=("provenance", "elapsed_s", "compute_s", "seconds", "part_seconds")):
+    """Equal structures: integers (FLOPs, token counts) exactly, floats to rounding; times and provenance aside."""
     if isinstance(one, dict):
         assert set(one) == set(two), where
         for k in one:
