@@ -21,6 +21,11 @@ Baselines:
     recent       the most recent tokens (score = position)
     dt-norm      ||dt_t||_2 over channels (as DeciMamba); over heads for Mamba-2, whose dt is per head
     output-norm  sum over channels of the block output clipped at zero (as ToR / ToP-ViM)
+
+Beyond the paper (`simba.criteria_beyond`, options after colons): simba-window[:W[:mean|max]],
+simba-split[:share], simba-channels[:threshold]. Simba and these share one computation, the weighted form
+    v_t[d] = dt_t[d] u_t[d] sum_n W[d, n] B_t[n] exp(A[d, n] S_t[d]),   S_t = sum_{k=t+1..start} dt_k,
+with W[d, n] = C_T[n] and start = T for Simba (`weighted_contributions`; the CPU kernel in `score_cpu`).
 """
 
 from __future__ import annotations
