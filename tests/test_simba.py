@@ -11,7 +11,7 @@ from simba_cli.models.decode import generate
 from simba_cli.models.mamba2 import SSDScanInputs
 from simba_cli.ops.scan_ref import selective_scan_ref
 from simba_cli.simba.criteria import simba_contributions, simba_score, simba_score_reference
-from simba_cli.simba.criteria_ssd import ssd_score
+from simba_cli.simba.criteria_ssd import ssd_contributions, ssd_score
 from simba_cli.simba.flops import analytic, dense_flops_per_token
 from simba_cli.simba.pruned import pruned_forward, pruned_prefill
 from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
@@ -147,7 +147,7 @@ def test_unknown_criterion_and_short_sequences():
 
 # --- the pruned forward -------------------------------------------------------------------------------
 
-def dense_on_gathered(model, ids, kept, criterion="random", forced=()):
+def dense_on_gathered(model, ids, kept, criterion="random", forced=(), caller=False):
     """Reference: run each dense block on the gathered sequence the trace says it saw; exits by hand.
     For `simba` and `recent` it also checks the trace's choice of tokens for the next layer: the forced
     positions (protected, and the last token) plus the best of the rest, by the float64 brute-force-checked
@@ -164,13 +164,13 @@ def dense_on_gathered(model, ids, kept, criterion="random", forced=()):
             if i + 1 == len(kept) or p not in nxt.tolist():
                 final[p] = stream[0, j]
         if i + 1 < len(kept):
-            check_choice(criterion, out.scan, cur.tolist(), set(nxt.tolist()), set(forced))
+            check_choice(criterion, out.scan, cur.tolist(), set(nxt.tolist()), set(forced), caller)
             local = torch.tensor([cur.tolist().index(p) for p in nxt.tolist()])
             hidden, residual = hidden[:, local], residual[:, local]
     return model.logits_from_stream(torch.stack([final[p] for p in sorted(final)]))
 
 
-def check_choice(criterion, scan, cur: list[int], chosen: set[int], forced: set[int]):
+def check_choice(criterion, scan, cur: list[int], chosen: set[int], forced: set[int], caller: bool = False):
     forced = forced & set(cur)
     assert forced <= chosen
     rest = [j for j, p in enumerate(cur) if p not in forced]
@@ -178,8 +178,12 @@ def check_choice(criterion, scan, cur: list[int], chosen: set[int], forced: set[
     dropped = [j for j in rest if cur[j] not in chosen]
     if criterion == "recent":
         assert not picked or not dropped or min(picked) > max(dropped)
-    elif criterion == "simba" and picked and dropped:
-        score = reference_score(scan, len(cur))
+    elif criterion in ("simba", "simba-window:4") and picked and dropped:
+        if criterion == "simba":
+            score = reference_score(scan, len(cur))
+        else:  # the window: the caller's protected positions (and the last) where it gave some, else the last 4
+            window = [j for j, p in enumerate(cur) if p in forced] if caller else list(range(len(cur)))[-4:]
+            score = reference_window_score(scan, len(cur), window)
         assert score[picked].min() >= score[dropped].max() - 1e-5 * score.abs().max()
 
 
@@ -191,6 +195,22 @@ def reference_score(scan, n: int) -> torch.Tensor:
         return ssd_score(f64(scan.x), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C), torch.tensor([n]))[0]
     return simba_score_reference(f64(scan.u), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
                                  torch.tensor([n - 1]))[0]
+
+
+def reference_window_score(scan, n: int, window: list[int]) -> torch.Tensor:
+    """The float64 windowed Simba score (mean) of one unpadded sequence: Simba's brute-force-checked
+    contributions to each window position's output, averaged over the window, maximum over channels."""
+    f64 = lambda x: x.double()
+    rows = []
+    for T in window:
+        if isinstance(scan, SSDScanInputs):
+            c = ssd_contributions(f64(scan.x), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
+                                  torch.tensor([T + 1]))[0, :n].flatten(1)
+        else:
+            c = simba_contributions(f64(scan.u), f64(scan.dt), f64(scan.A), f64(scan.B), f64(scan.C),
+                                    torch.tensor([T]))[0, :n]
+        rows.append(c)
+    return torch.stack(rows).mean(0).amax(-1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,7 +233,8 @@ def test_pruned_forward_equals_dense_layers_on_gathered_sequence(criterion, fami
                 assert all(3 in k.tolist() for k in kept), "protected positions are never pruned"
             assert [len(k) for k in kept] == out.tokens_per_layer[:, b].tolist()
             assert len(kept[-1]) < len(kept[0])
-            ref = dense_on_gathered(model, ids[b, :n], kept, criterion, forced=[n - 1] + ([3] if b == 0 else []))
+            ref = dense_on_gathered(model, ids[b, :n], kept, criterion, forced=[n - 1] + ([3] if b == 0 else []),
+                                    caller=b == 0)
             torch.testing.assert_close(out.logits[b, :n], ref, rtol=1e-4, atol=1e-4)
 
 

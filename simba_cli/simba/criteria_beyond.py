@@ -11,7 +11,7 @@ Transformers and from long-context work on SSMs, each a criterion name with its 
                                   (SnapKV's observation window). Default W 32, mean.
         mean: max_d (1/|M|) sum_{T' in M, T' >= t} dy_T'(t)[d]   (the contribution to the window's mean
               output; closed form, one pass: Simba's cost)
-        max:  max_{T' in M} max_d dy_T'(t)[d]                      (|M| passes of Simba: |M| times its cost)
+        max:  max_{T' in M, T' >= t} max_d dy_T'(t)[d]            (|M| passes of Simba: |M| times its cost)
     simba-split[:share]           `share` of each layer's budget goes to its most recent tokens, the rest
                                   to the highest Simba scores (H2O's heavy hitters beside a recent window;
                                   StreamingLLM). Default share 0.5.
@@ -35,7 +35,7 @@ weighted form with W = G_T0 and start T0, so the kernel that computes Simba comp
 runs only over the window's span; every exponent is <= 0 (A < 0, dt >= 0), so nothing overflows.
 
 For a Mamba-2 (SSD) layer the decay is a scalar per head, the "channels" of simba-channels are heads, and
-the window sums are taken directly over (t, T') (cheap: O(|M|) per token and head).
+the window sums are taken directly over (t, T'), 16 window positions at a time (O(|M|) per token and head).
 """
 
 from __future__ import annotations
@@ -100,9 +100,19 @@ def parse_variant(spec: str) -> Variant | None:
 
 
 def cost_factor(spec: str) -> int:
-    """How many Simba passes a criterion costs per token (the window's max takes one per position)."""
+    """How many Simba passes a criterion costs per token, from its options alone (the window's max takes one
+    per window position: W of them when the window is the last W tokens)."""
     v = parse_variant(spec)
     return v.window if v is not None and v.base == "simba-window" and v.reduce == "max" else 1
+
+
+def passes_run(spec: str, lengths, protected, caller) -> int | None:
+    """The Simba passes the window's max really runs on a batch (the most window positions of any
+    sequence); None for every other criterion (their cost does not depend on the batch)."""
+    v = parse_variant(spec)
+    if v is None or v.base != "simba-window" or v.reduce != "max":
+        return None
+    return int(window_mask(lengths, protected, caller, v.window).sum(1).max())
 
 
 # --- the window ------------------------------------------------------------------------------------------
@@ -173,33 +183,41 @@ def _window_max_mamba(scan, lengths, M) -> torch.Tensor:
     return best
 
 
-def _window_ssd(scan: SSDScanInputs, lengths, M, reduce: str) -> torch.Tensor:
+def _window_ssd(scan: SSDScanInputs, lengths, M, reduce: str, block: int = 16) -> torch.Tensor:
     """The window for an SSD layer, directly: coef[t, j, h] = exp(A_h (R_t - R_T'j)) (C_T'j . B_t) for t <= T'j,
-    R_t = sum_{k > t} dt_k (float64, so the difference is exact enough), then dt_t x_t[h, :] times it."""
+    R_t = sum_{k > t} dt_k (float64, so the difference is exact enough), then dt_t x_t[h, :] times it; `block`
+    window positions at a time, so memory is O(b l block H) however many positions the caller protects."""
     x, dt, A, B, C = scan.x, scan.dt, scan.A, scan.B, scan.C
     b, l, H, P = x.shape
     G = B.shape[-2]
     rows = torch.arange(b, device=x.device)
-    _, ordered = _window_rows(M)  # (b, J)
-    R = dt.double().flip(1).cumsum(1).flip(1) - dt.double()  # (b, l, H): sum_{k > t} dt_k
-    R_T = R[rows[:, None], ordered]  # (b, J, H)
-    S = (R[:, :, None] - R_T[:, None]).clamp(min=0)  # (b, l, J, H)
     pos = torch.arange(l, device=x.device)
-    causal = pos[None, :, None] <= ordered[:, None, :]  # (b, l, J)
+    real = (pos[None, :] < lengths[:, None]).double()[..., None]  # padding's dt never enters a sum
+    dtr = dt.double() * real
+    _, ordered = _window_rows(M)  # (b, J)
+    R = dtr.flip(1).cumsum(1).flip(1) - dtr  # (b, l, H): sum_{k > t} dt_k
     distinct = torch.ones_like(ordered, dtype=torch.bool)
     distinct[:, 1:] = ordered[:, 1:] != ordered[:, :1]  # repeated positions count once
-    C_T = C[rows[:, None], ordered].double()  # (b, J, G, N)
-    cb = torch.einsum("bjgn,blgn->bljg", C_T, B.double()).repeat_interleave(H // G, dim=-1)  # (b, l, J, H)
-    coef = (cb * torch.exp(A.double() * S)) * causal[..., None] * dt.double()[:, :, None]
     xd = x.double()
+    hi, lo = xd.amax(-1)[:, :, None], xd.amin(-1)[:, :, None]  # (b, l, 1, H)
+    total = torch.zeros(b, l, H, dtype=torch.float64, device=x.device)
+    best = torch.full((b, l), float("-inf"), dtype=torch.float64, device=x.device)
+    for j0 in range(0, ordered.shape[1], block):
+        T = ordered[:, j0:j0 + block]  # (b, J')
+        S = (R[:, :, None] - R[rows[:, None], T][:, None]).clamp(min=0)  # (b, l, J', H)
+        causal = pos[None, :, None] <= T[:, None, :]  # (b, l, J')
+        C_T = C[rows[:, None], T].double()  # (b, J', G, N)
+        cb = torch.einsum("bjgn,blgn->bljg", C_T, B.double()).repeat_interleave(H // G, dim=-1)  # (b, l, J', H)
+        coef = (cb * torch.exp(A.double() * S)) * causal[..., None] * dtr[:, :, None]
+        if reduce == "mean":
+            total += (coef * distinct[:, None, j0:j0 + block, None]).sum(2)
+        else:  # the signed max over p of a scalar times x[h, :] is the scalar times max or min of x[h, :]
+            vals = torch.where(coef >= 0, coef * hi, coef * lo).masked_fill(~causal[..., None], float("-inf"))
+            best = torch.maximum(best, vals.flatten(2).amax(-1))
     if reduce == "mean":
-        coef = (coef * distinct[:, None, :, None]).sum(2) / M.sum(1).clamp(min=1)[:, None, None]  # (b, l, H)
-        scores = (coef[..., None] * xd).flatten(2).amax(-1)
-    else:  # the signed max over p of a scalar times x[h, :] is the scalar times max or min of x[h, :]
-        hi, lo = xd.amax(-1)[:, :, None], xd.amin(-1)[:, :, None]  # (b, l, 1, H)
-        vals = torch.where(coef >= 0, coef * hi, coef * lo).masked_fill(~causal[..., None], float("-inf"))
-        scores = vals.flatten(2).amax(-1)
-    return scores.to(torch.promote_types(x.dtype, torch.float32))
+        coef = total / M.sum(1).clamp(min=1)[:, None, None]  # (b, l, H)
+        best = (coef[..., None] * xd).flatten(2).amax(-1)
+    return best.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def window_score(v: Variant, scan, lengths, protected, caller) -> torch.Tensor:

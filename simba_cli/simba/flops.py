@@ -58,17 +58,19 @@ def count_layer(cfg: Config, tokens: int) -> int:
     return tokens * sum(layer_flops_per_token(cfg).values())
 
 
-def criterion_flops_per_token(cfg: Config, criterion: str) -> int:
+def criterion_flops_per_token(cfg: Config, criterion: str, passes: int | None = None) -> int:
+    """The criterion's FLOPs per scored token; `passes`: how many Simba passes ran (the window's `max` runs one
+    per window position; None: as the criterion's options say, W)."""
     if isinstance(cfg, Mamba2Config):
-        return flops_ssd.criterion_flops_per_token_ssd(cfg, criterion)
+        return flops_ssd.criterion_flops_per_token_ssd(cfg, criterion, passes)
     if criterion.startswith("simba"):  # the weighted form: an exp and 3 flops per (channel, state), 4 per channel
         extra = 2 * cfg.d_inner if criterion.startswith("simba-channels") else 0  # the decay sums
-        return cost_factor(criterion) * (4 * cfg.d_inner * cfg.d_state + 4 * cfg.d_inner) + extra
+        return (passes or cost_factor(criterion)) * (4 * cfg.d_inner * cfg.d_state + 4 * cfg.d_inner) + extra
     return {"dt-norm": 2 * cfg.d_inner, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
 
-def count_criterion(cfg: Config, criterion: str, tokens: int) -> int:
-    return tokens * criterion_flops_per_token(cfg, criterion)
+def count_criterion(cfg: Config, criterion: str, tokens: int, passes: int | None = None) -> int:
+    return tokens * criterion_flops_per_token(cfg, criterion, passes)
 
 
 def count_head(cfg: Config, positions: int) -> int:

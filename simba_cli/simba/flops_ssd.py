@@ -73,10 +73,11 @@ def count_layer_ssd(cfg: Mamba2Config, tokens: int) -> int:
     return tokens * sum(layer_flops_per_token_ssd(cfg).values())
 
 
-def criterion_flops_per_token_ssd(cfg: Mamba2Config, criterion: str = "simba") -> int:
+def criterion_flops_per_token_ssd(cfg: Mamba2Config, criterion: str = "simba", passes: int | None = None) -> int:
     if criterion.startswith("simba"):
         extra = 2 * cfg.n_heads if criterion.startswith("simba-channels") else 0  # the decay sums
-        return cost_factor(criterion) * (2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner) + extra
+        one_pass = 2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner
+        return (passes or cost_factor(criterion)) * one_pass + extra
     return {"dt-norm": 2 * cfg.n_heads, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
 

@@ -30,6 +30,7 @@ from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
 from simba_cli.models.mamba import BlockLM
 from simba_cli.simba.criteria import LayerView, needs_scan, score, sequence_seeds
+from simba_cli.simba.criteria_beyond import passes_run
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
 from simba_cli.simba.settings import DENSE, PruneConfig
 
@@ -139,7 +140,8 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
             continue
         view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed, row_seeds, prot, caller_protected)
         scores = score(config.criterion, view)
-        crit_flops[-1] = count_criterion(cfg, config.criterion, n_tokens)
+        passes = passes_run(config.criterion, cur_len, prot, caller_protected)
+        crit_flops[-1] = count_criterion(cfg, config.criterion, n_tokens, passes)
         idx, new_len = select(scores, cur_len, keep[i + 1], prot)
         if config.mode == "exit":
             if exit_stream is None:  # one spare row at index L takes the writes of padding slots

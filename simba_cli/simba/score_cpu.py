@@ -28,6 +28,11 @@ from simba_cli.ops.numba_math import LOG2E, channel_chunks, exp2_bits, exp2_poly
 NEGLIGIBLE = np.float32(-64.0)
 
 
+# fastmath lets the compiler assume no infinities, so the kernel never makes one: a chunk whose channels are all
+# masked out reports NONE, which the wrapper turns into -inf (without the flag the kernel is ~20% slower)
+NONE = np.float32(-3.0e38)
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def _score(u, dt, A2, B, W, start, absolute, has_gate, gate, use, out, width):
     nb_, nl, nd = u.shape
@@ -64,7 +69,7 @@ def _score(u, dt, A2, B, W, start, absolute, has_gate, gate, use, out, width):
                     acc[j] += bn * wn[j] * p[j] * e2[j]
             dtt = dt[bi, t, d0:d0 + w]
             ut = u[bi, t, d0:d0 + w]
-            best = np.float32(-np.inf)
+            best = NONE
             for j in range(w):
                 v = acc[j] * dtt[j] * ut[j]
                 if has_gate:
@@ -95,4 +100,5 @@ def weighted_score_cpu(u, dt, A, B, W, start, absolute: bool = False, gate=None,
     _score(_f32(u), _f32(dt), _f32(A.t() * float(LOG2E)), _f32(B), _f32(W.transpose(1, 2)),
            start.detach().to(torch.int64).cpu().numpy(), bool(absolute), gate is not None, gate_np, use_np,
            out.numpy(), width)
-    return out.amax(dim=1)
+    best = out.amax(dim=1)
+    return best.masked_fill(best <= float(NONE), float("-inf"))
