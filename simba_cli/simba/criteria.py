@@ -97,10 +97,14 @@ def weighted_contributions(u, dt, A, B, W, start) -> torch.Tensor:
     return out * dt * u.to(dt.dtype) * upto
 
 
+def simba_weights(C, T, channels: int) -> torch.Tensor:
+    """Simba's weights in the weighted form: W[d, n] = C_T[n] for every channel d, (b, D, N); T (b,)."""
+    return C[torch.arange(C.shape[0], device=C.device), T][:, None, :].expand(-1, channels, -1)
+
+
 def simba_contributions(u, dt, A, B, C, last_idx) -> torch.Tensor:
     """dy_T(t) for every t, (b, l, D): the weighted form with W[d, n] = C_T[n], start = T."""
-    c_T = C[torch.arange(u.shape[0]), last_idx]  # (b, N)
-    return weighted_contributions(u, dt, A, B, c_T[:, None, :].expand(-1, u.shape[2], -1), last_idx)
+    return weighted_contributions(u, dt, A, B, simba_weights(C, last_idx, u.shape[2]), last_idx)
 
 
 def reduce_channels(contrib, start, absolute=False, gate=None, use=None) -> torch.Tensor:
@@ -150,8 +154,7 @@ def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant
         from simba_kernels.simba_score import simba_score as triton_score
 
         return triton_score(u, dt, A, B, C, last_idx, absolute=absolute, gate_T=gate_T)
-    c_T = C[torch.arange(u.shape[0]), last_idx]
-    return weighted_score(u, dt, A, B, c_T[:, None, :].expand(-1, u.shape[2], -1), last_idx, absolute, gate_T)
+    return weighted_score(u, dt, A, B, simba_weights(C, last_idx, u.shape[2]), last_idx, absolute, gate_T)
 
 
 def _seed_of(data: bytes) -> int:

@@ -169,16 +169,14 @@ def _window_mean_mamba(scan, lengths, M) -> torch.Tensor:
 
 
 def _window_max_mamba(scan, lengths, M) -> torch.Tensor:
-    from simba_cli.simba.criteria import weighted_score
+    from simba_cli.simba.criteria import simba_weights, weighted_score
 
     u, dt, A, B, C = scan.u, scan.dt, scan.A, scan.B, scan.C
-    rows = torch.arange(u.shape[0], device=u.device)
     _, ordered = _window_rows(M)
     best = None
     for j in range(ordered.shape[1]):
         T = ordered[:, j]
-        c = C[rows, T][:, None, :].expand(-1, u.shape[2], -1)
-        s = weighted_score(u, dt, A, B, c, T)  # -inf after T
+        s = weighted_score(u, dt, A, B, simba_weights(C, T, u.shape[2]), T)  # -inf after T
         best = s if best is None else torch.maximum(best, s)
     return best
 
@@ -265,7 +263,7 @@ def channel_decay(scan, lengths) -> torch.Tensor:
 
 
 def channels_score(v: Variant, scan, lengths) -> torch.Tensor:
-    from simba_cli.simba.criteria import weighted_score
+    from simba_cli.simba.criteria import simba_weights, weighted_score
     from simba_cli.simba.criteria_ssd import ssd_contributions
 
     use = slow_channels(channel_decay(scan, lengths), v.threshold)
@@ -275,8 +273,8 @@ def channels_score(v: Variant, scan, lengths) -> torch.Tensor:
         contrib = contrib.masked_fill(~use[:, None, :, None], float("-inf"))
         pos = torch.arange(contrib.shape[1], device=contrib.device)[None, :]
         return contrib.flatten(2).amax(-1).masked_fill(pos > last[:, None], float("-inf"))
-    c_T = scan.C[torch.arange(scan.u.shape[0]), last][:, None, :].expand(-1, scan.u.shape[2], -1)
-    return weighted_score(scan.u, scan.dt, scan.A, scan.B, c_T, last, use=use)
+    return weighted_score(scan.u, scan.dt, scan.A, scan.B, simba_weights(scan.C, last, scan.u.shape[2]), last,
+                          use=use)
 
 
 def variant_score(spec: str, scan, lengths, keep, protected, caller) -> torch.Tensor:
