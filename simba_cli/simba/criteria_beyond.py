@@ -19,9 +19,9 @@ Transformers and from long-context work on SSMs, each a criterion name with its 
                                   context, max_n exp(A[d, n] sum_{k=1..T} dt_k[d]) (how much of the first
                                   token's state survives to the last), is at least `threshold` (LongMamba's
                                   global channels); where no channel reaches it, the slowest channel alone.
-                                  Default threshold 0.1: on 1024 tokens of the training plays, 14-54% of
+                                  Default threshold 0.1: on 1024 tokens of the training plays, 12-66% of
                                   a zoo layer's channels reach it (zoo-xxxs, zoo-xs, zoo-s; at 0.5, none
-                                  in some layers).
+                                  in some layers; benchmarks/channel_decay.py).
 
 dy_T'(t) is Simba's contribution (`simba.criteria`) with T' for T: dy_T'(t) = y_T'(full) - y_T'(u_t = 0)
 for t < T' (the skip term D u_t left out at t = T', as Simba does). All three use the signed maximum.
