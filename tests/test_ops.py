@@ -57,3 +57,65 @@ def test_cpu_conv_matches_torch_conv(silu):
     gy = torch.randn(y0.shape, generator=g)
     for a, c in zip(torch.autograd.grad((y1 * gy).sum(), (x, w, b)), torch.autograd.grad((y0 * gy).sum(), (x, w, b))):
         torch.testing.assert_close(a, c, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([37, 20])])
+def test_inference_scan_fuses_bias_softplus_and_gate(softplus, lengths):
+    """Without gradients the numba forward applies bias, softplus and the gate itself, reading z in place from
+    a slice of a wider tensor (as in_proj's output is sliced): it equals the float64 reference."""
+    x = scan_inputs()
+    x["delta"] = 4 * x["delta"] if softplus else x["delta"].abs()
+    x["delta"][0, 0, :4] = torch.tensor([30.0, -30.0, -100.0, 100.0])  # softplus' tails
+    wide = torch.cat([torch.randn_like(x["z"]), x["z"]], dim=-1)
+    z_view = wide[..., x["z"].shape[-1]:]
+    assert not z_view.is_contiguous()
+    with torch.no_grad():
+        y, last = selective_scan(**{**x, "z": z_view}, delta_softplus=softplus, lengths=lengths,
+                                 return_last_state=True, backend="cpu")
+    ref = {k: v.double() for k, v in x.items()}
+    y0, s0 = selective_scan(**ref, delta_softplus=softplus, lengths=lengths, return_last_state=True, backend="ref")
+    torch.testing.assert_close(y.double(), y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last.double(), s0, rtol=1e-5, atol=1e-5)
+
+
+def test_vectorised_softplus_matches_torch_in_float64():
+    import numba as nb
+    import numpy as np
+
+    from simba_cli.ops.numba_math import softplus_inplace
+
+    @nb.njit
+    def run(x, p, ebits):
+        softplus_inplace(x, p, ebits)
+
+    x = torch.linspace(-80, 80, 200001)
+    out = x.numpy().copy()
+    run(out, np.empty_like(out), np.empty(out.shape, np.int32))
+    ref = torch.nn.functional.softplus(x.double())
+    rel = (torch.from_numpy(out).double() - ref).abs() / ref
+    assert rel.max() < 5e-6, f"largest relative error {rel.max():.2e} at x = {x[rel.argmax()]:.3f}"
+    assert rel[x > -20].max() < 2e-6
+
+
+@pytest.mark.parametrize("first_block", [True, False])
+def test_fused_residual_rms_norm_matches_the_block_under_autograd(first_block):
+    """The inference path (numba add + RMSNorm) against the PyTorch ops the block runs when training."""
+    from simba_cli.models.config import MambaConfig
+    from simba_cli.models.mamba import Block
+
+    torch.manual_seed(0)
+    block = Block(MambaConfig(d_model=48, n_layer=1, vocab_size=64))
+    with torch.no_grad():
+        block.norm.weight.copy_(torch.randn(48))
+    hidden = torch.randn(2, 7, 48) * 3
+    residual = None if first_block else torch.randn(2, 7, 48)
+    assert block.fused_norm_applies(hidden, residual) is False  # parameters require grad
+    normed0, res0 = block.norm_residual(hidden, residual)
+    with torch.no_grad():
+        assert block.fused_norm_applies(hidden, residual)
+        normed1, res1 = block.norm_residual(hidden, residual)
+        out1, _ = block(hidden, residual)
+    torch.testing.assert_close(res1, res0.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(normed1, normed0.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out1.out, block(hidden, residual)[0].out.detach(), rtol=1e-5, atol=1e-5)

@@ -52,8 +52,7 @@ def step(model: BlockLM, token_ids, state: DecodeState):
     """One token per sequence: token_ids (b,) -> logits (b, V); the state is updated in place."""
     hidden, residual = model.embed(token_ids), None
     for i, block in enumerate(model.layers):
-        residual = block.add_residual(hidden, residual)
-        normed = block.norm(residual.to(block.norm.weight.dtype))
+        normed, residual = block.norm_residual(hidden, residual)
         hidden = block.mixer.step(normed, state.conv[i], state.ssm[i])
     return model.head(hidden, residual)
 

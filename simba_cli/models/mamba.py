@@ -153,10 +153,25 @@ class Block(nn.Module):
         residual = hidden if residual is None else hidden + residual
         return residual.float() if self.residual_in_fp32 else residual
 
+    def norm_residual(self, hidden, residual):
+        """(normed, residual'): the stream entering this block, residual' = hidden + residual, and its norm."""
+        if self.fused_norm_applies(hidden, residual):
+            from simba_cli.ops.norm_cpu import add_rms_norm
+
+            return add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps)
+        residual = self.add_residual(hidden, residual)
+        return self.norm(residual.to(self.norm.weight.dtype)), residual
+
+    def fused_norm_applies(self, hidden, residual) -> bool:
+        """Inference on CPU in float32 with an RMSNorm: the numba kernel (`ops.norm_cpu`) does add and norm."""
+        tensors = (hidden, self.norm.weight) if residual is None else (hidden, residual, self.norm.weight)
+        return (isinstance(self.norm, RMSNorm) and hidden.device.type == "cpu"
+                and all(t.dtype == torch.float32 for t in tensors)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
     def forward(self, hidden, residual, lengths=None, **mix_kwargs):
         """Returns (MixerOutput, residual): the mixer's output and the stream entering this block."""
-        residual = self.add_residual(hidden, residual)
-        normed = self.norm(residual.to(self.norm.weight.dtype))
+        normed, residual = self.norm_residual(hidden, residual)
         return self.mixer.mix(normed, lengths, **mix_kwargs), residual
 
 

@@ -86,6 +86,13 @@ def scan_dt(delta, delta_bias=None, lengths=None, softplus=True) -> torch.Tensor
 def _gated_scan(core, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths):
     # softplus, padding and the gate are cheap vectorised PyTorch ops (autograd differentiates them);
     # the compiled core (numba on CPU, Triton on CUDA) does the recurrence, where the time goes.
+    if core is _CpuScan and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D_skip, z, delta_bias))):
+        # Inference: the numba forward applies bias, softplus and the gate inside its loop.
+        from simba_cli.ops.scan_cpu import scan_forward
+
+        y, last = scan_forward(u, delta, A, B, C, D_skip, lengths, delta_bias, delta_softplus, z)
+        return y.to(u.dtype), last
     dt = scan_dt(delta.float(), delta_bias, lengths, delta_softplus)
     y, last = core.apply(u, dt, A, B, C, D_skip, lengths)
     if z is not None:

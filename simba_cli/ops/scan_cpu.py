@@ -1,10 +1,11 @@
 """The compiled CPU selective scan (numba), forward and backward, float32.
 
-The kernels compute the core recurrence only, with dt already positive (softplus and bias applied) and
-zero on padding:
+The kernels compute the recurrence
     h_t = exp(dt_t A) * h_{t-1} + dt_t * B_t * u_t,    y_t = C_t . h_t + D_skip * u_t
-The wrapper in `ops.scan` applies softplus and the gate silu(z) with vectorised PyTorch ops around
-them, and autograd differentiates those. Shapes as in `scan_ref`. Work is split
+over the real tokens (padding's outputs are zero). For training, `ops.scan` hands the forward a positive dt
+(softplus and bias applied) and applies the gate silu(z) itself, with vectorised PyTorch ops that autograd
+differentiates. Without gradients the forward takes delta, bias and z and does softplus and the gate
+itself, so that they cost no passes over (b, l, D) of their own. Shapes as in `scan_ref`. Work is split
 into tasks of (sequence, chunk of channels), run in parallel; inside a task the loop runs over time and
 state, and the innermost loop over the chunk's channels is vectorised (see `numba_math`).
 
@@ -21,13 +22,24 @@ import numpy as np
 import torch
 from numba import prange
 
-from simba_cli.ops.numba_math import LOG2E, X_MAX, X_MIN, channel_chunks, exp2_bits, exp2_poly
+from simba_cli.ops.numba_math import (
+    LOG2E,
+    X_MAX,
+    X_MIN,
+    channel_chunks,
+    exp2_bits,
+    exp2_poly,
+    f32_rows,
+    silu_inplace,
+    softplus_inplace,
+)
 
 SEGMENT = 32  # backward replay segment length (time steps)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def _scan_fwd(u, dt, A2, B, C, Dskip, lengths, y, last_state, width):
+def _scan_fwd(u, dt, bias, dt_softplus, z, gate, A2, B, C, Dskip, lengths, y, last_state, width):
+    # dt_t = softplus(dt[t] + bias) when dt_softplus, else dt[t] + bias; y_t *= silu(z_t) when gate.
     nb_, nl, nd = u.shape
     ns = A2.shape[0]
     n_chunks = (nd + width - 1) // width
@@ -42,10 +54,15 @@ def _scan_fwd(u, dt, A2, B, C, Dskip, lengths, y, last_state, width):
         e2 = ebits.view(np.float32)
         ys = np.empty(w, np.float32)
         dtu = np.empty(w, np.float32)
+        dtt = np.empty(w, np.float32)
+        zt = np.empty(w, np.float32)
         dsk = Dskip[d0:d0 + w]
         for t in range(seq_len):
             ut = u[bi, t, d0:d0 + w]
-            dtt = dt[bi, t, d0:d0 + w]
+            for j in range(w):
+                dtt[j] = dt[bi, t, d0 + j] + bias[d0 + j]
+            if dt_softplus:
+                softplus_inplace(dtt, p, ebits)
             for j in range(w):
                 dtu[j] = dtt[j] * ut[j]
                 ys[j] = dsk[j] * ut[j]
@@ -63,6 +80,12 @@ def _scan_fwd(u, dt, A2, B, C, Dskip, lengths, y, last_state, width):
                     hv = p[j] * e2[j] * hn[j] + bn * dtu[j]
                     hn[j] = hv
                     ys[j] += cn * hv
+            if gate:
+                for j in range(w):
+                    zt[j] = z[bi, t, d0 + j]
+                silu_inplace(zt, p, ebits)
+                for j in range(w):
+                    ys[j] *= zt[j]
             y[bi, t, d0:d0 + w] = ys
         for t in range(seq_len, nl):
             y[bi, t, d0:d0 + w] = 0.0
@@ -184,14 +207,23 @@ def _lengths(lengths, b: int, l: int) -> np.ndarray:
     return lengths.detach().to(torch.int64).cpu().numpy()
 
 
-def scan_forward(u, dt, A, B, C, D_skip=None, lengths=None):
-    """y (b, l, D) float32 and the last state (b, D, N) float32. dt must be positive (softplus applied)."""
+def scan_forward(u, dt, A, B, C, D_skip=None, lengths=None, delta_bias=None, dt_softplus=False, z=None):
+    """y (b, l, D) float32 and the last state (b, D, N) float32.
+
+    dt is the positive step size, or, with `dt_softplus`, the pre-activation delta; `delta_bias` (D,) is added
+    first. With z (b, l, D) the output is gated: y * silu(z). Autograd's path (`ops.scan`) hands over dt alone;
+    inference hands over delta, bias and z, so that softplus and the gate cost no passes of their own. z may
+    be a strided view (the second half of in_proj's output): it is read in place, not copied.
+    """
     b, l, d = u.shape
     y = torch.empty(b, l, d, dtype=torch.float32)
     last = torch.empty(b, d, A.shape[1], dtype=torch.float32)
     dsk = np.zeros(d, np.float32) if D_skip is None else _f32(D_skip)
-    _scan_fwd(_f32(u), _f32(dt), _f32(A.t() * float(LOG2E)), _f32(B), _f32(C), dsk, _lengths(lengths, b, l),
-              y.numpy(), last.numpy(), channel_chunks(b, d))
+    bias = np.zeros(d, np.float32) if delta_bias is None else _f32(delta_bias)
+    gate = z is not None
+    zs = f32_rows(z) if gate else np.zeros((1, 1, 1), np.float32)
+    _scan_fwd(_f32(u), _f32(dt), bias, dt_softplus, zs, gate, _f32(A.t() * float(LOG2E)), _f32(B), _f32(C), dsk,
+              _lengths(lengths, b, l), y.numpy(), last.numpy(), channel_chunks(b, d))
     return y, last
 
 
