@@ -20,6 +20,11 @@
                                        greedy generation of 256 tokens after a 512-token prompt, same weights:
                                        our prefill and recurrent decode vs transformers' generate with its
                                        cache, tokens/s                                      target >= 3
+    decode_step_vs_weight_read_floor   one recurrent decode step (b=1) divided by the time of one matrix-vector
+                                       product with each of the model's weight matrices (every layer's four
+                                       projections and the LM head), side by side: at b=1 a step reads every
+                                       weight once, so this floor bounds decoding on the machine's memory
+                                       bandwidth (no target; it says how far any decoder could go)
     pruned_prefill_speedup_share       time to the first token with a Simba-pruned prefill (linear to 0.1,
                                        2048 prompt tokens) against the dense prefill, divided by the FLOPs
                                        ratio of the two                                     target >= 0.85
@@ -184,6 +189,20 @@ def matmul_floor(model: MambaLM, l: int):
     return run
 
 
+def weight_read_floor(model: MambaLM):
+    """A callable doing one matrix-vector product with each weight matrix of the model (b=1): what one decode
+    step cannot do faster, since it reads every weight once."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the LM head is one
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, w.shape[1], generator=g) for w in weights]
+
+    def run():
+        for w, x in zip(weights, inputs):
+            torch.nn.functional.linear(x, w)
+
+    return run
+
+
 def speed(tiny: bool) -> dict:
     """The forward against its matmul floor, decoding against transformers, and a pruned prefill."""
     from transformers import MambaForCausalLM
@@ -201,7 +220,7 @@ def speed(tiny: bool) -> dict:
         floor = matmul_floor(model, l_model)
         model(ids[:, :64])
         floor()
-        t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor}, 3)
+        t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor}, 5)
     out.update(model_fwd_s=t["model"], model_matmuls_s=t["matmuls"],
                model_fwd_vs_matmul_floor=t["model"] / t["matmuls"])
     print(f"forward l={l_model}: {t['model']:.3f} s, its matmuls alone {t['matmuls']:.3f} s, "
@@ -226,6 +245,19 @@ def speed(tiny: bool) -> dict:
     print(f"greedy decode, {new} tokens after {prompt}: ours {new / t['ours']:.1f} tokens/s, transformers "
           f"{new / t['theirs']:.1f} tokens/s, {t['theirs'] / t['ours']:.2f}x ({agree:.0%} of tokens agree)",
           flush=True)
+
+    from simba_cli.models.decode import prefill, step
+
+    with torch.no_grad():
+        logits, state = prefill(model, prompt_ids)
+        token, floor = logits.argmax(-1), weight_read_floor(model)
+        step(model, token, state)
+        floor()
+        t = medians_side_by_side({"step": lambda: step(model, token, state), "floor": floor}, 20)
+    out.update(decode_step_s=t["step"], decode_weight_read_floor_s=t["floor"],
+               decode_step_vs_weight_read_floor=t["step"] / t["floor"])
+    print(f"decode step {t['step'] * 1e3:.1f} ms, reading every weight once {t['floor'] * 1e3:.1f} ms, "
+          f"{t['step'] / t['floor']:.2f}x its floor", flush=True)
 
     pruned = PruneConfig(schedule="linear", final_keep=0.1)
     long_ids = torch.randint(0, 50000, (1, l_prefill))
