@@ -7,7 +7,8 @@
                                        MambaForCausalLM with the same weights, tokens/s    target >= 3
     mamba2_scan_fwd_speedup            the chunked SSD scan vs the reference loop (`ssd_scan_ref`), forward,
                                        one mamba2-130m layer (b=1, l=2048, H=24, P=64, N=128, G=1, chunks
-                                       of 256), medians of rounds taken side by side         target >= 10
+                                       of the block length the model uses on CPU, CPU_CHUNK_SIZE), medians
+                                       of rounds taken side by side                         target >= 10
     mamba2_model_fwd_speedup_vs_transformers
                                        a random mamba2-130m-shaped Mamba2LM at l=1024 vs transformers'
                                        Mamba2ForCausalLM (its pure-PyTorch path) with the same weights,
@@ -51,7 +52,7 @@ from simba_cli.models.checkpoint import save_checkpoint  # noqa: E402
 from simba_cli.models.config import OFFICIAL  # noqa: E402
 from simba_cli.models.decode import generate  # noqa: E402
 from simba_cli.models.mamba import MambaLM  # noqa: E402
-from simba_cli.models.mamba2 import Mamba2LM, ssd_scan_chunked, ssd_scan_ref  # noqa: E402
+from simba_cli.models.mamba2 import Mamba2LM, scan_chunk_size, ssd_scan_chunked, ssd_scan_ref  # noqa: E402
 from simba_cli.ops.scan import selective_scan  # noqa: E402
 from simba_cli.simba.flops_ssd import OFFICIAL_MAMBA2  # noqa: E402
 
@@ -123,12 +124,12 @@ def ssd_inputs(l, heads, head_dim, n, groups=1):
 
 
 def mamba2(tiny: bool) -> dict:
-    official = OFFICIAL_MAMBA2["mamba2-130m"]  # H = 24 heads of P = 64, N = 128, G = 1, chunks of 256
+    official = OFFICIAL_MAMBA2["mamba2-130m"]  # H = 24 heads of P = 64, N = 128, G = 1
     if tiny:
         l_scan, shape, chunk, l_model = 256, dict(heads=4, head_dim=16, n=16), 64, 128
         cfg = dataclasses.replace(official, n_layer=2)
     else:
-        l_scan, chunk, l_model, cfg = 2048, official.chunk_size, 1024, official
+        l_scan, chunk, l_model, cfg = 2048, scan_chunk_size(official, torch.device("cpu")), 1024, official
         shape = dict(heads=official.n_heads, head_dim=official.head_dim, n=official.d_state)
     out = {}
     x = ssd_inputs(l_scan, **shape)

@@ -9,6 +9,7 @@ from transformers import Mamba2Config as HFMamba2Config
 from transformers import Mamba2ForCausalLM
 
 from simba_cli.errors import UserError
+from simba_cli.models import mamba2
 from simba_cli.models.mamba2 import Mamba2Config, ssd_scan_chunked, ssd_scan_ref
 from simba_cli.models.mamba2_checkpoint import load_mamba2, save_mamba2
 
@@ -33,6 +34,19 @@ def test_chunked_scan_equals_recurrence(groups, chunk):
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     torch.testing.assert_close(got_state, want_state, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 32])
+def test_chunked_scan_gradients_equal_the_recurrence(chunk):
+    """Training differentiates the chunked form (several chunks, the state carried across them)."""
+    inputs = [t.requires_grad_() for t in scan_inputs(groups=2, seed=chunk)]
+    weights = torch.randn(2, 21, 4, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = []
+    for scan, kwargs in ((ssd_scan_ref, {}), (ssd_scan_chunked, {"chunk_size": chunk})):
+        y, state = scan(*inputs, return_final_state=True, **kwargs)
+        grads.append(torch.autograd.grad((y * weights).sum() + state.sum(), inputs))
+    for name, got, want in zip("x dt A B C D".split(), grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9, msg=f"gradient of {name}")
 
 
 def test_scans_of_an_empty_sequence():
@@ -77,20 +91,18 @@ IDS = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("n_groups", [1, 2])
-def test_logits_equal_transformers(tmp_path, n_groups):
+def test_logits_equal_transformers(tmp_path, n_groups, monkeypatch):
     oracle, directory = hf_mamba2_oracle(tmp_path, n_groups=n_groups)
     ours = load_mamba2(directory).eval()
     assert (ours.cfg.n_heads, ours.cfg.n_groups, ours.cfg.chunk_size) == (4, n_groups, 8)
     want = logits(oracle, IDS)
-    torch.testing.assert_close(logits(ours, IDS), want, rtol=1e-4, atol=1e-4)
-    # The chunk size changes the computation, not the result: 19 tokens in chunks of 5 and of 32.
-    for chunk in (5, 32):
-        config = json.loads((directory / "config.json").read_text())
-        config["chunk_size"] = chunk
-        (directory / "config.json").write_text(json.dumps(config))
-        other = load_mamba2(directory).eval()
-        assert other.cfg.chunk_size == chunk
-        torch.testing.assert_close(logits(other, IDS), want, rtol=1e-4, atol=1e-4)
+    # The block length changes the computation, not the result: 19 tokens in one block and in blocks of 5 and 7
+    # (on CPU the model takes CPU_CHUNK_SIZE, whatever the checkpoint's chunk_size, which it keeps).
+    for chunk in (mamba2.CPU_CHUNK_SIZE, 5, 7):
+        monkeypatch.setattr(mamba2, "CPU_CHUNK_SIZE", chunk)
+        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cpu")) == chunk
+        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cuda")) == 8
+        torch.testing.assert_close(logits(ours, IDS), want, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_does_not_change_real_tokens(tmp_path):

@@ -9,7 +9,7 @@ Glossary (code name -> paper symbol, shapes for a batch of b sequences of length
     n_groups   G        groups of heads sharing B and C (like grouped-query attention); H % G == 0
     d_state    N        state size: B, C are (b, l, G, N); head h reads group h // (H / G)
     d_conv     k        width of the causal depthwise convolution over xBC
-    chunk_size Q        block length of the chunked (matmul) scan
+    chunk_size Q        block length of the chunked (matmul) scan on GPUs (CPU_CHUNK_SIZE on CPU)
     A_log               A_h = -exp(A_log[h]) < 0, one scalar per head, (H,)
     dt_bias             dt = softplus(dt_raw + dt_bias), clamped to dt_limit, (b, l, H)
     D                   skip per head, y += D_h * x, (H,)
@@ -93,6 +93,18 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(k[:, None] < k[None, :], -math.inf)
 
 
+# The block length of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile):
+# the result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
+# multiply-adds, costs more than the l / Q steps across chunks save. At l = 2048 on a mamba2-130m layer,
+# Q = 32 takes 45 ms where 64 takes 80 and 256 takes 290 (`make bench-core` measures the one in use).
+CPU_CHUNK_SIZE = 32
+
+
+def scan_chunk_size(cfg: Mamba2Config, device: torch.device) -> int:
+    """The block length the chunked scan uses on this device: the config's on GPUs, CPU_CHUNK_SIZE elsewhere."""
+    return cfg.chunk_size if device.type == "cuda" else CPU_CHUNK_SIZE
+
+
 def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final_state: bool = False):
     """The matmul form: within each chunk of Q tokens a masked (Q, Q) product, across chunks the recurrence.
 
@@ -117,22 +129,19 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     weights = _heads_by_group(torch.exp(seg).flatten(-2), G).unflatten(-1, (Q, Q)) * scores[:, :, :, None]
     y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights, u)
 
-    # 2. Each chunk's own contribution to the state at its end, from a zero state at its start.
-    w_in = _heads_by_group(torch.exp(decay_in), G)  # (b, c, G, R, Q)
-    chunk_states = torch.einsum("bcgrs,bcsgrp,bcsgn->bcgrpn", w_in, u, Bc)
-
-    # 3. Across chunks: the state entering each chunk.
-    chunk_decay = _heads_by_group(torch.exp(decay_from_start[..., -1])[..., None], G)[..., 0]  # (b, c, G, R)
+    # 2. Across chunks, one chunk at a time: the state entering chunk c, decayed to each t within it, is read
+    # out; then the chunk's own contribution (from a zero state at its start) joins the decayed state. Only
+    # one state (b, H, P, N) is ever held: memory does not grow with l / Q.
+    w_in = _heads_by_group(torch.exp(decay_in), G)  # (b, c, G, R, Q): from s to the chunk's end
+    w_out = _heads_by_group(torch.exp(decay_from_start), G)  # (b, c, G, R, Q): from the chunk's start to t
+    chunk_decay = w_out[..., -1, None, None]  # (b, c, G, R, 1, 1): across the whole chunk
+    u_in = u * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
     state = x.new_zeros(b, G, H // G, P, N)
-    entering = []
-    for c in range(chunk_states.shape[1]):
-        entering.append(state)
-        state = chunk_decay[:, c, ..., None, None] * state + chunk_states[:, c]
-    entering = torch.stack(entering, 1) if entering else chunk_states  # (b, c, G, R, P, N)
-
-    # 4. The entering state read out within the chunk, decayed to each t.
-    w_out = _heads_by_group(torch.exp(decay_from_start), G)  # (b, c, G, R, Q)
-    y = y + torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", Cc, entering, w_out)
+    for c in range(xc.shape[1]):
+        if c > 0:
+            y[:, c] += torch.einsum("btgn,bgrpn,bgrt->btgrp", Cc[:, c], state, w_out[:, c])
+        own = torch.einsum("bsgrp,bsgn->bgrpn", u_in[:, c], Bc[:, c])
+        state = torch.addcmul(own, chunk_decay[:, c], state)
 
     y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
     if D is not None:
@@ -230,7 +239,8 @@ class Mamba2Mixer(nn.Module):
         A = self.A()
         # dt is zero on padding, so the state at the end of the padded sequence is the state after its last
         # real token: the scan's final state is the decoding state.
-        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=cfg.chunk_size, return_final_state=True)
+        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=scan_chunk_size(cfg, x.device),
+                                        return_final_state=True)
         y = self.norm(y.reshape(b, l, cfg.d_inner), z)
         result = MixerOutput(self.out_proj(y.to(hidden.dtype)))
         if keep_scan_inputs:
