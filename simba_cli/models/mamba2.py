@@ -137,11 +137,13 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     chunk_decay = w_out[..., -1, None, None]  # (b, c, G, R, 1, 1): across the whole chunk
     u_in = u * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
     state = x.new_zeros(b, G, H // G, P, N)
-    for c in range(xc.shape[1]):
-        if c > 0:
-            y[:, c] += torch.einsum("btgn,bgrpn,bgrt->btgrp", Cc[:, c], state, w_out[:, c])
-        own = torch.einsum("bsgrp,bsgn->bgrpn", u_in[:, c], Bc[:, c])
-        state = torch.addcmul(own, chunk_decay[:, c], state)
+    reads = []
+    # unbind, not [:, c]: autograd then stacks the chunks' gradients once instead of one full-size tensor each
+    for C_c, w_c, u_c, B_c, decay_c in zip(*(t.unbind(1) for t in (Cc, w_out, u_in, Bc, chunk_decay))):
+        reads.append(torch.einsum("btgn,bgrpn,bgrt->btgrp", C_c, state, w_c))
+        state = torch.addcmul(torch.einsum("bsgrp,bsgn->bgrpn", u_c, B_c), decay_c, state)
+    if reads:
+        y = y + torch.stack(reads, 1)
 
     y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
     if D is not None:
