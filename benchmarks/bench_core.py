@@ -267,7 +267,7 @@ def speed(tiny: bool) -> dict:
     with torch.no_grad():
         prefill(model, long_ids)
         t = medians_side_by_side({"dense": lambda: dense_prefill(model, long_ids),
-                                  "pruned": lambda: prefill(model, long_ids)}, 3)
+                                  "pruned": lambda: prefill(model, long_ids)}, 5)
     flops_ratio = generation_flops(cfg, DENSE, l_prefill, 1).total / generation_flops(cfg, pruned, l_prefill, 1).total
     speedup = t["dense"] / t["pruned"]
     out.update(prefill_dense_s=t["dense"], prefill_pruned_s=t["pruned"], pruned_prefill_speedup=speedup,

@@ -101,16 +101,14 @@ def test_vectorised_softplus_matches_torch_in_float64():
 @pytest.mark.parametrize("first_block", [True, False])
 def test_fused_residual_rms_norm_matches_the_block_under_autograd(first_block):
     """The inference path (numba add + RMSNorm) against the PyTorch ops the block runs when training."""
-    from simba_cli.models.config import MambaConfig
-    from simba_cli.models.mamba import Block
+    from tests.conftest import random_model
 
-    torch.manual_seed(0)
-    block = Block(MambaConfig(d_model=48, n_layer=1, vocab_size=64))
-    with torch.no_grad():
-        block.norm.weight.copy_(torch.randn(48))
-    hidden = torch.randn(2, 7, 48) * 3
-    residual = None if first_block else torch.randn(2, 7, 48)
+    block = random_model().layers[1].train()  # parameters that require grad, norm weights around 1
+    hidden = torch.randn(2, 40, 32) * 3
+    residual = None if first_block else torch.randn(2, 40, 32)
     assert block.fused_norm_applies(hidden, residual) is False  # parameters require grad
+    with torch.no_grad():
+        assert block.fused_norm_applies(hidden[:, 0], None) is False  # a decode step's two rows
     normed0, res0 = block.norm_residual(hidden, residual)
     with torch.no_grad():
         assert block.fused_norm_applies(hidden, residual)
@@ -119,3 +117,19 @@ def test_fused_residual_rms_norm_matches_the_block_under_autograd(first_block):
     torch.testing.assert_close(res1, res0.detach(), rtol=0, atol=0)
     torch.testing.assert_close(normed1, normed0.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out1.out, block(hidden, residual)[0].out.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_step_sizes_equal_the_autograd_path():
+    """scan_dt without gradients (one numba pass) against softplus(delta + bias) with padding zeroed, on a
+    strided slice as in_proj's output gives it."""
+    from simba_cli.ops.scan import scan_dt
+
+    g = torch.Generator().manual_seed(3)
+    wide = 6 * torch.randn(3, 130, 50, generator=g)
+    delta, bias, lengths = wide[..., 10:], torch.randn(40, generator=g), torch.tensor([130, 64, 1])
+    want = torch.nn.functional.softplus(delta.double() + bias.double())
+    want = want * (torch.arange(130)[None, :] < lengths[:, None])[..., None]
+    with torch.no_grad():
+        got = scan_dt(delta, bias, lengths)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-30)
+    assert got[1, 64:].abs().max() == 0 and got[2, 1:].abs().max() == 0

@@ -163,9 +163,10 @@ class Block(nn.Module):
         return self.norm(residual.to(self.norm.weight.dtype)), residual
 
     def fused_norm_applies(self, hidden, residual) -> bool:
-        """Inference on CPU in float32 with an RMSNorm: the numba kernel (`ops.norm_cpu`) does add and norm."""
+        """Inference on CPU in float32 with an RMSNorm, over many tokens: the numba kernel (`ops.norm_cpu`) does
+        add and norm. A decode step's few rows stay with PyTorch, cheaper there than starting numba's threads."""
         tensors = (hidden, self.norm.weight) if residual is None else (hidden, residual, self.norm.weight)
-        return (isinstance(self.norm, RMSNorm) and hidden.device.type == "cpu"
+        return (isinstance(self.norm, RMSNorm) and hidden.device.type == "cpu" and hidden[..., 0].numel() >= 64
                 and all(t.dtype == torch.float32 for t in tensors)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 

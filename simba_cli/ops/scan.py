@@ -74,6 +74,11 @@ def scan_dt(delta, delta_bias=None, lengths=None, softplus=True) -> torch.Tensor
 
     The step sizes the scan consumes; the Simba criterion reads the same tensor (`MambaMixer.mix`).
     """
+    if (softplus and delta.device.type == "cpu" and delta.dtype == torch.float32 and delta.dim() == 3
+            and not (torch.is_grad_enabled() and (delta.requires_grad or getattr(delta_bias, "requires_grad", False)))):
+        from simba_cli.ops.scan_cpu import step_sizes  # inference: one numba pass instead of three
+
+        return step_sizes(delta, delta_bias, lengths)
     work = torch.float64 if delta.dtype == torch.float64 else torch.float32
     dt = delta.to(work) if delta_bias is None else delta.to(work) + delta_bias.to(work)
     if softplus:

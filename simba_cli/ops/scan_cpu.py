@@ -197,6 +197,33 @@ def _scan_bwd(u, dt, A2, A, B, C, Dskip, lengths, gy, gu, gdt, gA_part, gD_part,
         gD_part[bi, d0:d0 + w] = gD_loc
 
 
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def _step_sizes(delta, bias, lengths, dt, rows):
+    nb_, nl, nd = delta.shape
+    n_blocks = (nl + rows - 1) // rows
+    for task in prange(nb_ * n_blocks):
+        bi, t0 = task // n_blocks, (task % n_blocks) * rows
+        p = np.empty(nd, np.float32)
+        ebits = np.empty(nd, np.int32)
+        for t in range(t0, min(nl, t0 + rows)):
+            row = dt[bi, t]
+            if t >= lengths[bi]:
+                row[:] = 0.0
+                continue
+            for j in range(nd):
+                row[j] = delta[bi, t, j] + bias[j]
+            softplus_inplace(row, p, ebits)
+
+
+def step_sizes(delta, delta_bias=None, lengths=None) -> torch.Tensor:
+    """dt = softplus(delta + delta_bias), zero on padding, (b, l, D) float32, in one pass (no gradient)."""
+    b, l, d = delta.shape
+    dt = torch.empty(b, l, d, dtype=torch.float32)
+    bias = np.zeros(d, np.float32) if delta_bias is None else _f32(delta_bias)
+    _step_sizes(f32_rows(delta), bias, _lengths(lengths, b, l), dt.numpy(), 64)
+    return dt
+
+
 def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
