@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, medians_side_by_side, write  # noqa: E402
+from common import medians_side_by_side, write  # noqa: E402
 
 from simba_cli.models.checkpoint import save_checkpoint  # noqa: E402
 from simba_cli.models.config import OFFICIAL  # noqa: E402
@@ -80,15 +80,16 @@ def mamba1(tiny: bool) -> dict:
     x = scan_inputs(l_fwd, d)
     with torch.no_grad():
         selective_scan(**x, delta_softplus=True, backend="cpu")  # compile
-        ref = best_of(lambda: selective_scan(**x, delta_softplus=True, backend="ref"), 2)
-        cpu = best_of(lambda: selective_scan(**x, delta_softplus=True, backend="cpu"), 5)
+        t = medians_side_by_side({"ref": lambda: selective_scan(**x, delta_softplus=True, backend="ref"),
+                                  "cpu": lambda: selective_scan(**x, delta_softplus=True, backend="cpu")}, 3)
+        ref, cpu = t["ref"], t["cpu"]
     out.update(scan_fwd_ref_s=ref, scan_fwd_cpu_s=cpu, scan_fwd_speedup=ref / cpu)
     print(f"scan forward l={l_fwd}: reference {ref:.3f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x", flush=True)
 
     xg = scan_inputs(l_bwd, d, grad=True)
     fwd_bwd("cpu", xg)
-    ref = best_of(lambda: fwd_bwd("ref", xg), 1)
-    cpu = best_of(lambda: fwd_bwd("cpu", xg), 3)
+    t = medians_side_by_side({"ref": lambda: fwd_bwd("ref", xg), "cpu": lambda: fwd_bwd("cpu", xg)}, 3)
+    ref, cpu = t["ref"], t["cpu"]
     out.update(scan_fwd_bwd_ref_s=ref, scan_fwd_bwd_cpu_s=cpu, scan_fwd_bwd_speedup=ref / cpu)
     print(f"scan forward+backward l={l_bwd}: reference {ref:.2f} s, compiled {cpu:.4f} s, {ref / cpu:.1f}x",
           flush=True)
@@ -104,8 +105,8 @@ def mamba1(tiny: bool) -> dict:
     with torch.no_grad():
         model(ids[:, :64])
         hf(ids[:, :64])
-        ours = best_of(lambda: model(ids), 3)
-        theirs = best_of(lambda: hf(ids), 2)
+        t = medians_side_by_side({"ours": lambda: model(ids), "theirs": lambda: hf(ids)}, 3)
+        ours, theirs = t["ours"], t["theirs"]
         diff = (model(ids) - hf(ids).logits[..., :model.cfg.vocab_size]).abs().max().item()
     out.update(model_fwd_ours_s=ours, model_fwd_transformers_s=theirs, model_fwd_ours_tokens_per_s=l_model / ours,
                model_fwd_transformers_tokens_per_s=l_model / theirs, model_fwd_speedup_vs_transformers=theirs / ours,

@@ -133,3 +133,28 @@ def test_inference_step_sizes_equal_the_autograd_path():
         got = scan_dt(delta, bias, lengths)
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-30)
     assert got[1, 64:].abs().max() == 0 and got[2, 1:].abs().max() == 0
+
+
+@pytest.mark.parametrize("falcon", [False, True])
+def test_compiled_decode_step_equals_the_pytorch_step(falcon, monkeypatch):
+    """Decoding's numba kernels (`ops.step_cpu`) against the mixer's PyTorch ops, over several steps."""
+    from simba_cli.models.mamba import MambaMixer
+    from tests.conftest import random_model, tiny_config
+
+    mixer = random_model(tiny_config(bcdt_rms=falcon)).layers[1].mixer
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 3, 32, generator=g)
+    states = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(MambaMixer, "compiled_step_applies", lambda self, *a, c=compiled: c)
+        conv = torch.randn(3, 64, 4, generator=torch.Generator().manual_seed(1))
+        ssm = torch.randn(3, 64, 8, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            outs = torch.stack([mixer.step(h, conv, ssm) for h in hidden])
+        states[compiled] = (outs, conv, ssm)
+    for got, want in zip(states[True], states[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert mixer.compiled_step_applies(hidden[0], conv, ssm)
+    assert not mixer.compiled_step_applies(hidden[0], conv, ssm)  # parameters require grad

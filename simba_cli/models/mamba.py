@@ -124,6 +124,8 @@ class MambaMixer(nn.Module):
 
     def step(self, hidden, conv_state, ssm_state):
         """One token: hidden (b, d); conv_state (b, D, d_conv) and ssm_state (b, D, N) updated in place."""
+        if self.compiled_step_applies(hidden, conv_state, ssm_state):
+            return self.compiled_step(hidden, conv_state, ssm_state)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
@@ -138,6 +140,25 @@ class MambaMixer(nn.Module):
         y = (ssm_state @ C.float()[..., None]).squeeze(-1) + self.D.float() * u.float()
         y = y * F.silu(z.float())
         return self.out_proj(y.to(hidden.dtype))
+
+
+    def compiled_step_applies(self, hidden, conv_state, ssm_state) -> bool:
+        """Decoding on CPU in float32 without gradients: the elementwise work runs in `ops.step_cpu`."""
+        states = (conv_state, ssm_state)
+        return (hidden.device.type == "cpu" and hidden.dtype == torch.float32
+                and all(s.dtype == torch.float32 and s.is_contiguous() for s in states)
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())))
+
+    def compiled_step(self, hidden, conv_state, ssm_state):
+        """`step` with its elementwise ops in two numba kernels; the same arithmetic in float32."""
+        from simba_cli.ops.step_cpu import conv_step, ssm_step
+
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        u = conv_step(conv_state, x, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        dt_low, B, C = self.project(u)
+        y = ssm_step(ssm_state, u, F.linear(dt_low, self.dt_proj.weight), self.dt_proj.bias, self.A(), B, C,
+                     self.D, z)
+        return self.out_proj(y)
 
 
 class Block(nn.Module):
