@@ -141,7 +141,8 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     state = x.new_zeros(b, G, H // G, P, N)
     reads = []
     # split and unbind, not [:, c]: autograd then joins the pieces' gradients once, not one full-size tensor each
-    for C_k, w_k, u_k, B_k, decay_k in zip(*(t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay))):
+    pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay)) if xc.shape[1] else ()
+    for C_k, w_k, u_k, B_k, decay_k in zip(*pieces):
         entering = []
         for own, decay in zip(torch.einsum("bcsgrp,bcsgn->bcgrpn", u_k, B_k).unbind(1), decay_k.unbind(1)):
             entering.append(state)
