@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint compare compare-plays compare-full criteria zoo zoo-m2 bench-core bench-simba bench-eval bench finetune-experiment clean
+.PHONY: setup test lint compare compare-plays compare-full compare-families criteria zoo zoo-m2 bench-core bench-simba bench-eval bench finetune-experiment clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ zoo-m2: $(STAMP)
 	if [ -f $$run/metrics.json ]; then echo "zoo-m2: trained"; \
 	else $(SIMBA) finetune --recipe recipes/zoo-m2.yaml --out $$run --resume --quiet || exit 1; fi; \
 	$(BIN)/python -m simba_cli.eval.zoocard $$run
+
+# The two families side by side at (nearly) equal FLOPs: zoo-m (Mamba-1) and zoo-m2 (Mamba-2), the default
+# comparison's tasks and settings; resumable.
+compare-families: $(STAMP)
+	$(SIMBA) compare --models zoo-m,zoo-m2 --out runs/compare-families --resume
 
 # The paper's fine-tuning experiment in miniature (zoo-m with Simba pruning active vs a dense control).
 finetune-experiment: $(STAMP)
