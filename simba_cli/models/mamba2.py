@@ -96,7 +96,7 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
 # The block length of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile):
 # the result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
 # multiply-adds, costs more than the l / Q steps across chunks save. At l = 2048 on a mamba2-130m layer,
-# Q = 32 takes 45 ms where 64 takes 80 and 256 takes 290 (`make bench-core` measures the one in use).
+# Q = 32 takes 42 ms where 64 takes 65 and 256 takes 230 (`make bench-core` measures the one in use).
 CPU_CHUNK_SIZE = 32
 CHUNKS_AT_ONCE = 16  # chunks whose states the scan holds at once (b, 16, H, P, N): 12.6 MB for mamba2-130m
 
