@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
@@ -33,7 +34,7 @@ def models(tmp_path_factory):
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    # --standalone: a rendezvous on a free port; one thread each, as the one-process run has it here
+    # --standalone: a rendezvous on a free port; one thread each, as `one_and_two` gives the one-process run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(processes), "-m", "simba_cli.cli", *args], env=env, cwd=ROOT, capture_output=True,
@@ -92,8 +93,21 @@ def test_spread_deals_items_in_turn_and_an_error_anywhere_ends_every_process():
 
 def one_and_two(args: list[str], tmp_path: Path, result: str) -> tuple[dict, dict, subprocess.CompletedProcess]:
     """The command run by one process (out: tmp_path/one) and by two under torchrun (tmp_path/two): both
-    `result` files, and the two-process run (for its printed output)."""
-    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    `result` files, and the two-process run (for its printed output).
+
+    The one process runs with one thread, as each rank does: the compiled kernels split channels among their
+    threads, and a different split may round float32 sums differently (by an ulp); equal thread counts leave
+    only the data-parallel logic to differ."""
+    import numba
+
+    threads = (torch.get_num_threads(), numba.get_num_threads())
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
     assert one.exit_code == 0, one.output
     two = torchrun([*args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]

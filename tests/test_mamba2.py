@@ -49,6 +49,16 @@ def test_chunked_scan_gradients_equal_the_recurrence(chunk):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9, msg=f"gradient of {name}")
 
 
+def test_chunked_scan_carries_the_state_across_groups_of_chunks():
+    """More chunks than the scan takes at once (CHUNKS_AT_ONCE): the state crosses from one group to the next."""
+    x, dt, A, B, C, D = scan_inputs(l=150, groups=2, seed=11)
+    assert 150 / 4 > 2 * mamba2.CHUNKS_AT_ONCE
+    want, want_state = ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True)
+    got, got_state = ssd_scan_chunked(x, dt, A, B, C, D, chunk_size=4, return_final_state=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got_state, want_state, rtol=0, atol=1e-10)
+
+
 def test_scans_of_an_empty_sequence():
     x, dt, A, B, C, D = scan_inputs(l=0)
     for y, state in (ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True),

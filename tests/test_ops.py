@@ -5,6 +5,7 @@ import torch
 
 from simba_cli.ops.conv import causal_conv1d, causal_conv1d_ref
 from simba_cli.ops.scan import selective_scan
+from simba_cli.ops.scan_cpu import scan_forward
 
 RTOL, ATOL = 6e-4, 2e-3
 
@@ -61,18 +62,24 @@ def test_cpu_conv_matches_torch_conv(silu):
 
 @pytest.mark.parametrize("softplus", [True, False])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([37, 20])])
-def test_inference_scan_fuses_bias_softplus_and_gate(softplus, lengths):
+def test_inference_scan_fuses_bias_softplus_and_gate(softplus, lengths, monkeypatch):
     """Without gradients the numba forward applies bias, softplus and the gate itself, reading z in place from
     a slice of a wider tensor (as in_proj's output is sliced): it equals the float64 reference."""
     x = scan_inputs()
     x["delta"] = 4 * x["delta"] if softplus else x["delta"].abs()
-    x["delta"][0, 0, :4] = torch.tensor([30.0, -30.0, -100.0, 100.0])  # softplus' tails
+    tails = torch.tensor([30.0, -30.0, -100.0, 100.0])  # softplus' tails (dt itself must be positive)
+    x["delta"][0, 3, :4] = tails if softplus else tails.abs()  # at t = 3: a state to decay
     wide = torch.cat([torch.randn_like(x["z"]), x["z"]], dim=-1)
     z_view = wide[..., x["z"].shape[-1]:]
     assert not z_view.is_contiguous()
+    from simba_cli.ops import scan_cpu
+
+    calls = []
+    monkeypatch.setattr(scan_cpu, "scan_forward", lambda *a: calls.append(a) or scan_forward(*a))
     with torch.no_grad():
         y, last = selective_scan(**{**x, "z": z_view}, delta_softplus=softplus, lengths=lengths,
                                  return_last_state=True, backend="cpu")
+    assert len(calls) == 1 and calls[0][-1] is z_view and calls[0][-2] == softplus  # the fused call ran
     ref = {k: v.double() for k, v in x.items()}
     y0, s0 = selective_scan(**ref, delta_softplus=softplus, lengths=lengths, return_last_state=True, backend="ref")
     torch.testing.assert_close(y.double(), y0, rtol=1e-5, atol=1e-5)
@@ -119,18 +126,24 @@ def test_fused_residual_rms_norm_matches_the_block_under_autograd(first_block):
     torch.testing.assert_close(out1.out, block(hidden, residual)[0].out.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_inference_step_sizes_equal_the_autograd_path():
+def test_inference_step_sizes_equal_the_autograd_path(monkeypatch):
     """scan_dt without gradients (one numba pass) against softplus(delta + bias) with padding zeroed, on a
     strided slice as in_proj's output gives it."""
     from simba_cli.ops.scan import scan_dt
+    from simba_cli.ops.scan_cpu import step_sizes
 
     g = torch.Generator().manual_seed(3)
     wide = 6 * torch.randn(3, 130, 50, generator=g)
     delta, bias, lengths = wide[..., 10:], torch.randn(40, generator=g), torch.tensor([130, 64, 1])
     want = torch.nn.functional.softplus(delta.double() + bias.double())
     want = want * (torch.arange(130)[None, :] < lengths[:, None])[..., None]
+    from simba_cli.ops import scan_cpu
+
+    calls = []
+    monkeypatch.setattr(scan_cpu, "step_sizes", lambda *a: calls.append(a) or step_sizes(*a))
     with torch.no_grad():
         got = scan_dt(delta, bias, lengths)
+    assert len(calls) == 1  # the numba pass ran
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-30)
     assert got[1, 64:].abs().max() == 0 and got[2, 1:].abs().max() == 0
 
@@ -157,4 +170,9 @@ def test_compiled_decode_step_equals_the_pytorch_step(falcon, monkeypatch):
     monkeypatch.undo()
     with torch.no_grad():
         assert mixer.compiled_step_applies(hidden[0], conv, ssm)
+        assert not mixer.compiled_step_applies(hidden[0], conv, ssm.clone().requires_grad_())
     assert not mixer.compiled_step_applies(hidden[0], conv, ssm)  # parameters require grad
+    for p in mixer.parameters():
+        p.requires_grad_(False)
+    assert mixer.compiled_step_applies(hidden[0], conv, ssm)
+    assert not mixer.compiled_step_applies(hidden[0].clone().requires_grad_(), conv, ssm)  # a gradient to the input

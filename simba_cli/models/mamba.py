@@ -146,8 +146,9 @@ class MambaMixer(nn.Module):
         """Decoding on CPU in float32 without gradients: the elementwise work runs in `ops.step_cpu`."""
         states = (conv_state, ssm_state)
         return (hidden.device.type == "cpu" and hidden.dtype == torch.float32
-                and all(s.dtype == torch.float32 and s.is_contiguous() for s in states)
-                and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())))
+                and all(s.dtype == torch.float32 and s.is_contiguous() and not s.requires_grad for s in states)
+                and not (torch.is_grad_enabled()
+                         and (hidden.requires_grad or any(p.requires_grad for p in self.parameters()))))
 
     def compiled_step(self, hidden, conv_state, ssm_state):
         """`step` with its elementwise ops in two numba kernels; the same arithmetic in float32."""

@@ -45,7 +45,8 @@ def softplus_inplace(x, p, ebits):
 
     With q = e^-|x| in (0, 1], log1p(q) = 2 atanh(r) for r = q / (2 + q) <= 1/3, and the odd series
     2 (r + r^3/3 + ... + r^11/11) leaves out less than 1e-7 of it: float32 rounding level. The exact
-    form has no threshold: above 20 it returns x, as torch's softplus does. p, ebits are scratch buffers.
+    form needs no threshold: above 20 it returns x, as torch's softplus does. Below -87 the result stays at
+    2^-126 (about 1e-38; float32 would go subnormal there). p, ebits are scratch buffers.
     """
     e2 = ebits.view(np.float32)
     for j in range(x.shape[0]):

@@ -231,7 +231,7 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 def _lengths(lengths, b: int, l: int) -> np.ndarray:
     if lengths is None:
         return np.full(b, l, np.int64)
-    return lengths.detach().to(torch.int64).cpu().numpy()
+    return lengths.detach().to(torch.int64).cpu().clamp(0, l).numpy()  # the kernels never index past l
 
 
 def scan_forward(u, dt, A, B, C, D_skip=None, lengths=None, delta_bias=None, dt_softplus=False, z=None):
