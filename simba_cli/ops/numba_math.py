@@ -75,7 +75,7 @@ def f32_rows(t):
 def channel_chunks(batch: int, channels: int) -> int:
     """Channel-chunk width so that batch x chunks keeps every numba thread busy."""
     threads = nb.get_num_threads()
-    n_chunks = max(1, -(-threads // batch))
+    n_chunks = max(1, -(-threads // max(1, batch)))  # an empty batch has no work to split
     width = -(-channels // n_chunks)
     return max(16, -(-width // 16) * 16)
 
