@@ -92,9 +92,10 @@ def one_and_two(args: list[str], tmp_path: Path, result: str) -> tuple[dict, dic
     """The command run by one process (out: tmp_path/one) and by two under torchrun (tmp_path/two): both
     `result` files, and the two-process run (for its printed output).
 
-    The one process is a fresh one with one thread, as each rank is: run inside the test process, after other
-    tests, it once gave a perplexity difference 1.6e-7 away from a fresh process's, which the equality below
-    (1e-9) rightly refuses; kernels also split their channels by thread count."""
+    The one process is a fresh one with one thread, as each rank is, so that the two runs differ in nothing but
+    the sharing of work. (Inside the test process, with numba's cache empty, it once compiled the RMSNorm kernel
+    afresh while the ranks loaded the cached build, which summed in another order: an ulp apart, which the
+    equality below refuses. The kernel now sums in float64: tests/test_ops.py.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "simba_cli.cli", *args, "--out", str(tmp_path / "one")], env=env,
                          cwd=ROOT, capture_output=True, text=True)

@@ -176,3 +176,44 @@ def test_compiled_decode_step_equals_the_pytorch_step(falcon, monkeypatch):
         p.requires_grad_(False)
     assert mixer.compiled_step_applies(hidden[0], conv, ssm)
     assert not mixer.compiled_step_applies(hidden[0].clone().requires_grad_(), conv, ssm)  # a gradient to the input
+
+
+KERNELS_SCRIPT = """
+import sys, numba, numpy as np, torch
+torch.set_num_threads(1); numba.set_num_threads(1); torch.manual_seed(0)
+from simba_cli.ops.conv import causal_conv1d
+from simba_cli.ops.norm_cpu import add_rms_norm
+from simba_cli.ops.scan import scan_dt, selective_scan
+b, l, d, n = 3, 48, 96, 8
+xz, u, delta = torch.randn(b, l, 2 * d), torch.randn(b, l, d), torch.randn(b, l, d)
+A, B, C = -torch.rand(d, n) - 0.1, torch.randn(b, l, n), torch.randn(b, l, n)
+h, r = torch.randn(b, l, 48) * 3, torch.randn(b, l, 48)
+with torch.no_grad():
+    out = dict(conv=causal_conv1d(xz[..., :d], torch.randn(d, 4), torch.randn(d)),
+               scan=selective_scan(u, delta, A, B, C, torch.randn(d), xz[..., d:], torch.randn(d), True),
+               dt=scan_dt(delta, torch.randn(d)), norm=add_rms_norm(h, r, torch.randn(48), 1e-5)[0],
+               norm_first=add_rms_norm(h, None, torch.randn(48), 1e-5)[0])
+np.savez(sys.argv[1], **{k: v.numpy() for k, v in out.items()})
+"""
+
+
+def test_inference_kernels_give_the_same_bits_built_afresh_and_loaded_from_numba_cache(tmp_path):
+    """A process that compiles the kernels and one that loads them from numba's on-disk cache must agree to the
+    bit: runs that share work between processes compare as equal (tests/test_data_parallel.py). The RMSNorm
+    kernel once summed its squares in float32 in an order that differed between the two builds."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    script = tmp_path / "kernels.py"
+    script.write_text(KERNELS_SCRIPT)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    for run in ("fresh", "cached"):
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"{run}.npz")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    fresh, cached = np.load(tmp_path / "fresh.npz"), np.load(tmp_path / "cached.npz")
+    for name in fresh:
+        assert np.array_equal(fresh[name], cached[name]), name

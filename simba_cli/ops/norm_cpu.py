@@ -20,12 +20,15 @@ from numba import prange
 def _add_rms_norm(hidden, residual, has_residual, weight, eps, out_residual, out):
     rows, d = hidden.shape
     for r in prange(rows):
-        sq = np.float32(0.0)
+        # The sum of squares in float64: fastmath lets LLVM reorder the sum, and numba's cached build of this
+        # kernel orders it differently from a fresh build (float32 results moved by an ulp); in float64 the
+        # order no longer reaches the float32 scale.
+        sq = 0.0
         for j in range(d):
             v = hidden[r, j] + residual[r, j] if has_residual else hidden[r, j]
             out_residual[r, j] = v
-            sq += v * v
-        scale = np.float32(1.0) / np.sqrt(sq / np.float32(d) + eps)
+            sq += np.float64(v) * np.float64(v)
+        scale = np.float32(1.0 / np.sqrt(sq / d + eps))
         for j in range(d):
             out[r, j] = weight[j] * (out_residual[r, j] * scale)
 
