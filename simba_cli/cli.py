@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +67,8 @@ def command(name: str | None = None, **kwargs):
             except UserError as e:
                 if is_main_process():  # under torchrun every process meets the same error: one says it
                     typer.echo(f"error: {e}", err=True)
+                else:  # torchrun ends every process once one has failed: give rank 0 the time to say it
+                    time.sleep(2)
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
                 if is_main_process():
