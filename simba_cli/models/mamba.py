@@ -141,7 +141,6 @@ class MambaMixer(nn.Module):
         y = y * F.silu(z.float())
         return self.out_proj(y.to(hidden.dtype))
 
-
     def compiled_step_applies(self, hidden, conv_state, ssm_state) -> bool:
         """Decoding on CPU in float32 without gradients: the elementwise work runs in `ops.step_cpu`."""
         states = (conv_state, ssm_state)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from simba_cli.ops.numba_math import channel_chunks, silu_inplace
+from simba_cli.ops.numba_math import channel_chunks, f32, silu_inplace
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -92,17 +92,13 @@ def _conv_bwd(x, wT, bias, silu, gout, gx, gw_part, gb_part, width):
         gb_part[bi, d0:d0 + w] = gb
 
 
-def _f32(t):
-    return t.detach().to(torch.float32).contiguous().numpy()
-
-
 class CpuCausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool):
         b, l, d = x.shape
         bias_ = torch.zeros(d) if bias is None else bias
         out = torch.empty(b, l, d, dtype=torch.float32)
-        _conv_fwd(_f32(x), _f32(weight.t()), _f32(bias_), silu, out.numpy(), channel_chunks(b, d))
+        _conv_fwd(f32(x), f32(weight.t()), f32(bias_), silu, out.numpy(), channel_chunks(b, d))
         ctx.save_for_backward(x, weight, bias_)
         ctx.silu, ctx.has_bias = silu, bias is not None
         return out.to(x.dtype)
@@ -113,7 +109,7 @@ class CpuCausalConv(torch.autograd.Function):
         b, l, d = x.shape
         gx = torch.empty(b, l, d)
         gw_part, gb_part = torch.empty(b, weight.shape[1], d), torch.empty(b, d)
-        _conv_bwd(_f32(x), _f32(weight.t()), _f32(bias_), ctx.silu, _f32(gout), gx.numpy(), gw_part.numpy(),
+        _conv_bwd(f32(x), f32(weight.t()), f32(bias_), ctx.silu, f32(gout), gx.numpy(), gw_part.numpy(),
                   gb_part.numpy(), channel_chunks(b, d))
         gb = gb_part.sum(0).to(bias_.dtype) if ctx.has_bias else None
         return gx.to(x.dtype), gw_part.sum(0).t().to(weight.dtype), gb, None

@@ -65,6 +65,11 @@ def softplus_inplace(x, p, ebits):
         x[j] = max(x[j], np.float32(0.0)) + np.float32(2.0) * r * (np.float32(1.0) + r2 * series)
 
 
+def f32(t) -> np.ndarray:
+    """A contiguous float32 numpy array of t, detached: what every kernel reads (a view when t already is one)."""
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
 def f32_rows(t):
     """A float32 numpy view of t (b, l, D) when its channels are contiguous (a slice of in_proj's output is),
     else a contiguous copy: the kernels read a chunk of channels at a time, so only the last stride matters."""

@@ -29,6 +29,7 @@ from simba_cli.ops.numba_math import (
     channel_chunks,
     exp2_bits,
     exp2_poly,
+    f32,
     f32_rows,
     silu_inplace,
     softplus_inplace,
@@ -219,13 +220,9 @@ def step_sizes(delta, delta_bias=None, lengths=None) -> torch.Tensor:
     """dt = softplus(delta + delta_bias), zero on padding, (b, l, D) float32, in one pass (no gradient)."""
     b, l, d = delta.shape
     dt = torch.empty(b, l, d, dtype=torch.float32)
-    bias = np.zeros(d, np.float32) if delta_bias is None else _f32(delta_bias)
+    bias = np.zeros(d, np.float32) if delta_bias is None else f32(delta_bias)
     _step_sizes(f32_rows(delta), bias, _lengths(lengths, b, l), dt.numpy(), 64)
     return dt
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).contiguous().numpy()
 
 
 def _lengths(lengths, b: int, l: int) -> np.ndarray:
@@ -245,11 +242,11 @@ def scan_forward(u, dt, A, B, C, D_skip=None, lengths=None, delta_bias=None, dt_
     b, l, d = u.shape
     y = torch.empty(b, l, d, dtype=torch.float32)
     last = torch.empty(b, d, A.shape[1], dtype=torch.float32)
-    dsk = np.zeros(d, np.float32) if D_skip is None else _f32(D_skip)
-    bias = np.zeros(d, np.float32) if delta_bias is None else _f32(delta_bias)
+    dsk = np.zeros(d, np.float32) if D_skip is None else f32(D_skip)
+    bias = np.zeros(d, np.float32) if delta_bias is None else f32(delta_bias)
     gate = z is not None
     zs = f32_rows(z) if gate else np.zeros((1, 1, 1), np.float32)
-    _scan_fwd(_f32(u), _f32(dt), bias, dt_softplus, zs, gate, _f32(A.t() * float(LOG2E)), _f32(B), _f32(C), dsk,
+    _scan_fwd(f32(u), f32(dt), bias, dt_softplus, zs, gate, f32(A.t() * float(LOG2E)), f32(B), f32(C), dsk,
               _lengths(lengths, b, l), y.numpy(), last.numpy(), channel_chunks(b, d))
     return y, last
 
@@ -263,8 +260,8 @@ def scan_backward(gy, u, dt, A, B, C, D_skip=None, lengths=None):
     gu, gdt = torch.empty(b, l, d), torch.empty(b, l, d)
     gA_part, gD_part = torch.empty(b, n, d), torch.empty(b, d)
     gB_part, gC_part = torch.zeros(b, n_chunks, l, n), torch.zeros(b, n_chunks, l, n)
-    dsk = np.zeros(d, np.float32) if D_skip is None else _f32(D_skip)
-    _scan_bwd(_f32(u), _f32(dt), _f32(A.t() * float(LOG2E)), _f32(A.t()), _f32(B), _f32(C), dsk,
-              _lengths(lengths, b, l), _f32(gy), gu.numpy(), gdt.numpy(), gA_part.numpy(), gD_part.numpy(),
+    dsk = np.zeros(d, np.float32) if D_skip is None else f32(D_skip)
+    _scan_bwd(f32(u), f32(dt), f32(A.t() * float(LOG2E)), f32(A.t()), f32(B), f32(C), dsk,
+              _lengths(lengths, b, l), f32(gy), gu.numpy(), gdt.numpy(), gA_part.numpy(), gD_part.numpy(),
               gB_part.numpy(), gC_part.numpy(), width, SEGMENT)
     return gu, gdt, gA_part.sum(0).t(), gB_part.sum(1), gC_part.sum(1), None if D_skip is None else gD_part.sum(0)

@@ -16,7 +16,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from simba_cli.ops.numba_math import LOG2E, X_MIN, exp2_bits, exp2_poly, silu_inplace, softplus_inplace
+from simba_cli.ops.numba_math import LOG2E, X_MIN, exp2_bits, exp2_poly, f32, silu_inplace, softplus_inplace
 
 
 @nb.njit(fastmath=True, cache=True)
@@ -66,21 +66,17 @@ def _ssm_step(state, u, delta, dt_bias, A2, B, C, Dskip, z, y):
             y[bi, d] = (acc + Dskip[d] * u[bi, d]) * gate[d]
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).contiguous().numpy()
-
-
 def conv_step(conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """u (b, D) float32; conv_state (b, D, k) float32 contiguous, updated in place."""
     u = torch.empty(x.shape, dtype=torch.float32)
-    bias_ = np.zeros(x.shape[-1], np.float32) if bias is None else _np(bias)
-    _conv_step(conv_state.numpy(), _np(x), _np(weight), bias_, u.numpy())
+    bias_ = np.zeros(x.shape[-1], np.float32) if bias is None else f32(bias)
+    _conv_step(conv_state.numpy(), f32(x), f32(weight), bias_, u.numpy())
     return u
 
 
 def ssm_step(state, u, delta, dt_bias, A, B, C, D_skip, z):
     """y (b, D) float32, gated; state (b, D, N) float32 contiguous, updated in place."""
     y = torch.empty(u.shape, dtype=torch.float32)
-    _ssm_step(state.numpy(), _np(u), _np(delta), _np(dt_bias), _np(A * float(LOG2E)), _np(B), _np(C), _np(D_skip),
-              _np(z), y.numpy())
+    _ssm_step(state.numpy(), f32(u), f32(delta), f32(dt_bias), f32(A * float(LOG2E)), f32(B), f32(C), f32(D_skip),
+              f32(z), y.numpy())
     return y
