@@ -184,6 +184,7 @@ torch.set_num_threads(1); numba.set_num_threads(1); torch.manual_seed(0)
 from simba_cli.ops.conv import causal_conv1d
 from simba_cli.ops.norm_cpu import add_rms_norm
 from simba_cli.ops.scan import scan_dt, selective_scan
+from simba_cli.ops.step_cpu import conv_step, ssm_step
 b, l, d, n = 3, 48, 96, 8
 xz, u, delta = torch.randn(b, l, 2 * d), torch.randn(b, l, d), torch.randn(b, l, d)
 A, B, C = -torch.rand(d, n) - 0.1, torch.randn(b, l, n), torch.randn(b, l, n)
@@ -192,7 +193,10 @@ with torch.no_grad():
     out = dict(conv=causal_conv1d(xz[..., :d], torch.randn(d, 4), torch.randn(d)),
                scan=selective_scan(u, delta, A, B, C, torch.randn(d), xz[..., d:], torch.randn(d), True),
                dt=scan_dt(delta, torch.randn(d)), norm=add_rms_norm(h, r, torch.randn(48), 1e-5)[0],
-               norm_first=add_rms_norm(h, None, torch.randn(48), 1e-5)[0])
+               norm_first=add_rms_norm(h, None, torch.randn(48), 1e-5)[0],
+               conv_step=conv_step(torch.randn(b, d, 4), xz[:, 0, :d], torch.randn(d, 4), torch.randn(d)),
+               ssm_step=ssm_step(torch.randn(b, d, n), u[:, 0], delta[:, 0], torch.randn(d), A, B[:, 0], C[:, 0],
+                                 torch.randn(d), xz[:, 0, d:]))
 np.savez(sys.argv[1], **{k: v.numpy() for k, v in out.items()})
 """
 
