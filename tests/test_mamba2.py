@@ -74,6 +74,46 @@ def test_chunked_scan_stays_finite_under_strong_decay():
     torch.testing.assert_close(y.double(), ssd_scan_ref(x, dt, A, B, C, D), rtol=1e-4, atol=1e-4)
 
 
+
+def test_chunk_decays_kernel_equals_pytorch():
+    """The numba within-chunk decays (inference on CPU) against PyTorch's formulas in float64: each head reads its
+    group's scores, nothing above the diagonal, padding (dt = 0) decays nothing, strong decays underflow to 0."""
+    from simba_cli.ops.ssd_cpu import chunk_decays
+
+    gen = torch.Generator().manual_seed(3)
+    a = -torch.rand(2, 3, 6, 16, generator=gen, dtype=torch.float64) * 2  # (b, c, H, Q), 3 groups of 2 heads
+    a[0, 1, 2] *= 500
+    a[1, 0, :, 5:] = 0.0
+    scores = torch.randn(2, 3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    seg = mamba2._segment_sums(a)
+    want = (torch.exp(seg).unflatten(2, (3, 2)) * scores[:, :, :, None]).flatten(2, 3)
+    weights, w_in, w_out = chunk_decays(a.float(), scores.float(), 2)
+    assert weights.dtype == torch.float32 and not weights.triu(1).any()
+    assert (weights[0, 1, 2].tril(-2) == 0).all()  # exp(-hundreds) is 0, not a subnormal
+    torch.testing.assert_close(weights.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_in.double(), torch.exp(seg[..., -1, :]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_out.double(), torch.exp(a.cumsum(-1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_out[1, 0, :, 5:], w_out[1, 0, :, 4:5].expand(-1, 11))
+
+
+def test_float32_inference_scan_uses_the_kernel_and_equals_the_recurrence(monkeypatch):
+    import simba_cli.ops.ssd_cpu as ssd_cpu
+
+    calls = []
+    kernel = ssd_cpu.chunk_decays
+    monkeypatch.setattr(ssd_cpu, "chunk_decays", lambda *args: calls.append(1) or kernel(*args))
+    x, dt, A, B, C, D = scan_inputs(l=75, groups=2, seed=5)
+    want, want_state = ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True)
+    single = [t.float() for t in (x, dt, A, B, C, D)]
+    with torch.no_grad():
+        got, got_state = ssd_scan_chunked(*single, chunk_size=8, return_final_state=True)
+    assert calls == [1]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_state.double(), want_state, rtol=1e-4, atol=1e-4)
+    y = ssd_scan_chunked(*[t.requires_grad_() for t in single], chunk_size=8)  # training: PyTorch's path
+    assert calls == [1] and y.requires_grad
+    torch.testing.assert_close(y.detach(), got)
+
 def hf_mamba2_oracle(tmp_path, n_groups=1, chunk_size=8, tie=False, name="oracle"):
     """A random tiny transformers Mamba2ForCausalLM, its norms, D, biases and A_log perturbed, saved in its format."""
     # Without mamba-ssm and causal-conv1d, transformers runs its pure-PyTorch path: the oracle.
@@ -107,11 +147,13 @@ def test_logits_equal_transformers(tmp_path, n_groups, monkeypatch):
     assert (ours.cfg.n_heads, ours.cfg.n_groups, ours.cfg.chunk_size) == (4, n_groups, 8)
     want = logits(oracle, IDS)
     # The block length changes the computation, not the result: 19 tokens in one block and in blocks of 5 and 7
-    # (on CPU the model takes CPU_CHUNK_SIZE, whatever the checkpoint's chunk_size, which it keeps).
+    # (on CPU the model takes CPU_CHUNK_SIZE, whatever the checkpoint's chunk_size, which it keeps; training
+    # takes CPU_TRAIN_CHUNK_SIZE).
+    assert mamba2.scan_chunk_size(ours.cfg, torch.device("cpu"), training=True) == mamba2.CPU_TRAIN_CHUNK_SIZE
     for chunk in (mamba2.CPU_CHUNK_SIZE, 5, 7):
         monkeypatch.setattr(mamba2, "CPU_CHUNK_SIZE", chunk)
         assert mamba2.scan_chunk_size(ours.cfg, torch.device("cpu")) == chunk
-        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cuda")) == 8
+        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cuda"), training=True) == 8
         torch.testing.assert_close(logits(ours, IDS), want, rtol=1e-4, atol=1e-4)
 
 

@@ -9,7 +9,7 @@ Glossary (code name -> paper symbol, shapes for a batch of b sequences of length
     n_groups   G        groups of heads sharing B and C (like grouped-query attention); H % G == 0
     d_state    N        state size: B, C are (b, l, G, N); head h reads group h // (H / G)
     d_conv     k        width of the causal depthwise convolution over xBC
-    chunk_size Q        block length of the chunked (matmul) scan on GPUs (CPU_CHUNK_SIZE on CPU)
+    chunk_size Q        block length of the chunked (matmul) scan on GPUs (on CPU: `scan_chunk_size`)
     A_log               A_h = -exp(A_log[h]) < 0, one scalar per head, (H,)
     dt_bias             dt = softplus(dt_raw + dt_bias), clamped to dt_limit, (b, l, H)
     D                   skip per head, y += D_h * x, (H,)
@@ -93,17 +93,28 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(k[:, None] < k[None, :], -math.inf)
 
 
-# The block length of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile):
-# the result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
-# multiply-adds, costs more than the l / Q steps across chunks save. At l = 2048 on a mamba2-130m layer,
-# Q = 32 takes 42 ms where 64 takes 65 and 256 takes 230 (`make bench-core` measures the one in use).
-CPU_CHUNK_SIZE = 32
+# Block lengths of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile): the
+# result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
+# multiply-adds and l Q H decays, costs more than the l / Q steps across chunks save. Measured side by side:
+# inference (the decays in numba) on a mamba2-130m layer at l = 2048, Q = 32 takes 37-41 ms, 48 takes 32-35;
+# a zoo-m2 training step (PyTorch's decays, differentiated) takes 0.56-0.68 s at Q = 32 and 0.69-0.80 s at 48.
+CPU_CHUNK_SIZE = 48
+CPU_TRAIN_CHUNK_SIZE = 32
 CHUNKS_AT_ONCE = 16  # chunks whose states the scan holds at once (b, 16, H, P, N): 12.6 MB for mamba2-130m
 
 
-def scan_chunk_size(cfg: Mamba2Config, device: torch.device) -> int:
-    """The block length the chunked scan uses on this device: the config's on GPUs, CPU_CHUNK_SIZE elsewhere."""
-    return cfg.chunk_size if device.type == "cuda" else CPU_CHUNK_SIZE
+def scan_chunk_size(cfg: Mamba2Config, device: torch.device, training: bool = False) -> int:
+    """The block length the chunked scan uses: the config's on GPUs; on CPU, CPU_CHUNK_SIZE for inference and
+    CPU_TRAIN_CHUNK_SIZE where gradients flow."""
+    if device.type == "cuda":
+        return cfg.chunk_size
+    return CPU_TRAIN_CHUNK_SIZE if training else CPU_CHUNK_SIZE
+
+
+def _inference_on_cpu(*tensors) -> bool:
+    """float32 on CPU and no gradient wanted: the within-chunk decays run in numba (`ops.ssd_cpu`)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final_state: bool = False):
@@ -117,43 +128,48 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     Q = chunk_size
     pad = (-l) % Q
-    xc, dtc, Bc, Cc = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)).unflatten(1, (-1, Q)) for t in (x, dt, B, C))
+    padded = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t for t in (x, dt, B, C))
+    xc, dtc, Bc, Cc = (t.unflatten(1, (-1, Q)) for t in padded)
     # xc (b, c, Q, H, P); dtc (b, c, Q, H); Bc, Cc (b, c, Q, G, N)
     a = (dtc * A).transpose(-1, -2)  # (b, c, H, Q), non-positive
-    seg = _segment_sums(a)  # (b, c, H, Q, Q): decay from s to t
-    decay_in = seg[..., -1, :]  # (b, c, H, Q): from s to the chunk's end
-    decay_from_start = a.cumsum(-1)  # (b, c, H, Q): from the chunk's start (before token 0) to t
+    scores = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, G, Q, Q): C_t . B_s
+    # weights (b, c, H, Q, Q): exp(seg[t, s]) scores[t, s], the decay from s to t (0 above the diagonal);
+    # w_in (b, c, H, Q): from s to the chunk's end; w_out (b, c, H, Q): from the chunk's start (before token 0) to t
+    if _inference_on_cpu(x, dt, A, B, C):
+        from simba_cli.ops.ssd_cpu import chunk_decays  # one numba pass instead of six over (b, c, H, Q, Q)
+
+        weights, w_in, w_out = chunk_decays(a, scores, H // G)
+    else:
+        seg = _segment_sums(a)  # (b, c, H, Q, Q)
+        weights = (torch.exp(seg).unflatten(2, (G, H // G)) * scores[:, :, :, None]).flatten(2, 3)
+        w_in, w_out = torch.exp(seg[..., -1, :]), torch.exp(a.cumsum(-1))
     u = _heads_by_group(dtc[..., None] * xc, G)  # (b, c, Q, G, R, P), R = H / G heads per group
 
     # 1. Within a chunk: y[t] = sum_{s <= t} (C_t . B_s) exp(seg[t, s]) dt_s x_s
-    scores = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, G, Q, Q)
-    weights = _heads_by_group(torch.exp(seg).flatten(-2), G).unflatten(-1, (Q, Q)) * scores[:, :, :, None]
-    y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights, u)
+    y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights.unflatten(2, (G, H // G)), u)
 
     # 2. Across chunks: each chunk's own contribution to the state at its end (from a zero state at its
     # start); the recurrence over chunks gives the state entering each; that state, decayed to each t within
     # the chunk, is read out. CHUNKS_AT_ONCE chunks at a time: a few large products instead of many small
     # ones, while memory holds that many states (b, H, P, N), not l / Q of them.
-    w_in = _heads_by_group(torch.exp(decay_in), G)  # (b, c, G, R, Q): from s to the chunk's end
-    w_out = _heads_by_group(torch.exp(decay_from_start), G)  # (b, c, G, R, Q): from the chunk's start to t
+    w_in, w_out = _heads_by_group(w_in, G), _heads_by_group(w_out, G)  # (b, c, G, R, Q)
     chunk_decay = w_out[..., -1, None, None]  # (b, c, G, R, 1, 1): across the whole chunk
     u_in = u * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
     state = x.new_zeros(b, G, H // G, P, N)
-    reads = []
-    # split and unbind, not [:, c]: autograd then joins the pieces' gradients once, not one full-size tensor each
+    # split and unbind, not [:, c]: autograd then joins the pieces' gradients once, not one full-size tensor each;
+    # the reads are added into y's slices in place (no concatenated copy: large fresh tensors cost page faults)
     pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay)) if xc.shape[1] else ()
-    for C_k, w_k, u_k, B_k, decay_k in zip(*pieces):
+    for k, (C_k, w_k, u_k, B_k, decay_k) in enumerate(zip(*pieces)):
         entering = []
         for own, decay in zip(torch.einsum("bcsgrp,bcsgn->bcgrpn", u_k, B_k).unbind(1), decay_k.unbind(1)):
             entering.append(state)
             state = torch.addcmul(own, decay, state)
-        reads.append(torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", C_k, torch.stack(entering, 1), w_k))
-    if reads:
-        y = y + torch.cat(reads, 1)
+        y.narrow(1, k * CHUNKS_AT_ONCE, C_k.shape[1]).add_(
+            torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", C_k, torch.stack(entering, 1), w_k))
 
     y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
     if D is not None:
-        y = y + D.to(dtype)[:, None] * x
+        y = y.addcmul_(x, D.to(dtype)[:, None])
     return (y, state.flatten(1, 2)) if return_final_state else y
 
 
@@ -247,7 +263,8 @@ class Mamba2Mixer(nn.Module):
         A = self.A()
         # dt is zero on padding, so the state at the end of the padded sequence is the state after its last
         # real token: the scan's final state is the decoding state.
-        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=scan_chunk_size(cfg, x.device),
+        chunk = scan_chunk_size(cfg, x.device, training=not _inference_on_cpu(x, dt, A, B, C, self.D))
+        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=chunk,
                                         return_final_state=True)
         y = self.norm(y.reshape(b, l, cfg.d_inner), z)
         result = MixerOutput(self.out_proj(y.to(hidden.dtype)))
