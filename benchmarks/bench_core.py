@@ -13,6 +13,10 @@
                                        a random mamba2-130m-shaped Mamba2LM at l=1024 vs transformers'
                                        Mamba2ForCausalLM (its pure-PyTorch path) with the same weights,
                                        no grad, medians side by side                      target >= 3
+    mamba2_model_fwd_vs_matmul_floor   that forward divided by its matmuls alone (every layer's in_proj and
+                                       out_proj, the LM head), timed in the same rounds; and
+    mamba2_model_fwd_speedup_bound     transformers' time divided by those matmuls: the most any forward that
+                                       does them could gain on transformers on this machine
 
     model_fwd_vs_matmul_floor          the random mamba-130m-shaped model's forward at l=1024 divided by the
                                        time of its matmuls alone (in_proj, x_proj, dt_proj, out_proj of every
@@ -153,54 +157,41 @@ def mamba2(tiny: bool) -> dict:
         hf_dir = save_checkpoint(model, Path(tmp) / "hf", fmt="hf")
         hf = Mamba2ForCausalLM.from_pretrained(str(hf_dir)).eval()
     ids = torch.randint(0, 50000, (1, l_model))
+    floor = linear_floor(model, l_model)
     with torch.no_grad():
         model(ids[:, :64])
         hf(ids[:, :64], use_cache=False)
-        t = medians_side_by_side({"ours": lambda: model(ids), "theirs": lambda: hf(ids, use_cache=False)}, 3)
+        floor()
+        t = medians_side_by_side({"ours": lambda: model(ids), "theirs": lambda: hf(ids, use_cache=False),
+                                  "matmuls": floor}, 3)
         diff = (model(ids) - hf(ids, use_cache=False).logits[..., :cfg.vocab_size]).abs().max().item()
-    ours, theirs = t["ours"], t["theirs"]
+    ours, theirs, matmuls = t["ours"], t["theirs"], t["matmuls"]
     out.update(mamba2_model_fwd_ours_s=ours, mamba2_model_fwd_transformers_s=theirs,
                mamba2_model_fwd_ours_tokens_per_s=l_model / ours,
                mamba2_model_fwd_transformers_tokens_per_s=l_model / theirs,
-               mamba2_model_fwd_speedup_vs_transformers=theirs / ours, mamba2_model_fwd_max_logit_diff=diff)
+               mamba2_model_fwd_speedup_vs_transformers=theirs / ours, mamba2_model_fwd_max_logit_diff=diff,
+               mamba2_model_matmuls_s=matmuls, mamba2_model_fwd_vs_matmul_floor=ours / matmuls,
+               mamba2_model_fwd_speedup_bound=theirs / matmuls)
     name = "mamba2-130m" + (f" ({cfg.n_layer} layers)" if tiny else "")
     print(f"{name} forward l={l_model}: ours {ours:.2f} s, transformers {theirs:.2f} s, {theirs / ours:.2f}x "
-          f"(max logit difference {diff:.1e})", flush=True)
+          f"(max logit difference {diff:.1e}); its matmuls alone {matmuls:.2f} s: ours is {ours / matmuls:.2f}x "
+          f"that floor, and no forward with these matmuls could beat transformers by more than "
+          f"{theirs / matmuls:.2f}x", flush=True)
     return out
 
 
-def matmul_floor(model: MambaLM, l: int):
-    """A callable doing the model's matmuls alone at sequence length l: per layer in_proj, x_proj, dt_proj and
-    out_proj on random inputs of their shapes, then the LM head."""
-    cfg = model.cfg
+def linear_floor(model: torch.nn.Module, rows: int):
+    """A callable doing the model's matmuls alone: every linear layer (Mamba-1's in_proj, x_proj, dt_proj and
+    out_proj, Mamba-2's in_proj and out_proj, the LM head) once, on random inputs of `rows` tokens. At rows = l
+    it is the forward's matmul floor; at rows = 1 one matrix-vector product per weight, what a decode step
+    cannot do faster, since it reads every weight once."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, l, cfg.d_model, generator=g)
-    inner = torch.randn(1, l, cfg.d_inner, generator=g)
-    low = torch.randn(1, l, cfg.dt_rank, generator=g)
-    F = torch.nn.functional
+    inputs = [torch.randn(1, rows, m.in_features, generator=g) for m in layers]
 
     def run():
-        for block in model.layers:
-            m = block.mixer
-            F.linear(hidden, m.in_proj.weight, m.in_proj.bias)
-            F.linear(inner, m.x_proj.weight)
-            F.linear(low, m.dt_proj.weight, m.dt_proj.bias)
-            F.linear(inner, m.out_proj.weight, m.out_proj.bias)
-        F.linear(hidden, model.lm_head.weight)
-
-    return run
-
-
-def weight_read_floor(model: MambaLM):
-    """A callable doing one matrix-vector product with each weight matrix of the model (b=1): what one decode
-    step cannot do faster, since it reads every weight once."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the LM head is one
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1, w.shape[1], generator=g) for w in weights]
-
-    def run():
-        for w, x in zip(weights, inputs):
-            torch.nn.functional.linear(x, w)
+        for m, x in zip(layers, inputs):
+            torch.nn.functional.linear(x, m.weight, m.bias)
 
     return run
 
@@ -219,7 +210,7 @@ def speed(tiny: bool) -> dict:
     out = {}
     ids = torch.randint(0, 50000, (1, l_model))
     with torch.no_grad():
-        floor = matmul_floor(model, l_model)
+        floor = linear_floor(model, l_model)
         model(ids[:, :64])
         floor()
         t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor}, 5)
@@ -252,7 +243,7 @@ def speed(tiny: bool) -> dict:
 
     with torch.no_grad():
         logits, state = prefill(model, prompt_ids)
-        token, floor = logits.argmax(-1), weight_read_floor(model)
+        token, floor = logits.argmax(-1), linear_floor(model, 1)
         step(model, token, state)
         floor()
         t = medians_side_by_side({"step": lambda: step(model, token, state), "floor": floor}, 20)

@@ -83,15 +83,16 @@ def test_chunk_decays_kernel_equals_pytorch():
     gen = torch.Generator().manual_seed(3)
     a = -torch.rand(2, 3, 6, 16, generator=gen, dtype=torch.float64) * 2  # (b, c, H, Q), 3 groups of 2 heads
     a[0, 1, 2] *= 500
-    a[1, 0, :, 5:] = 0.0
+    dt = torch.rand(2, 3, 6, 16, generator=gen, dtype=torch.float64) + 0.1
+    a[1, 0, :, 5:] = dt[1, 0, :, 5:] = 0.0
     scores = torch.randn(2, 3, 3, 16, 16, generator=gen, dtype=torch.float64)
     seg = mamba2._segment_sums(a)
-    want = (torch.exp(seg).unflatten(2, (3, 2)) * scores[:, :, :, None]).flatten(2, 3)
-    weights, w_in, w_out = chunk_decays(a.float(), scores.float(), 2)
+    want = (torch.exp(seg).unflatten(2, (3, 2)) * scores[:, :, :, None]).flatten(2, 3) * dt[..., None, :]
+    weights, w_in, w_out = chunk_decays(a.float(), dt.float(), scores.float(), 2)
     assert weights.dtype == torch.float32 and not weights.triu(1).any()
     assert (weights[0, 1, 2].tril(-2) == 0).all()  # exp(-hundreds) is 0, not a subnormal
     torch.testing.assert_close(weights.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w_in.double(), torch.exp(seg[..., -1, :]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_in.double(), torch.exp(seg[..., -1, :]) * dt, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w_out.double(), torch.exp(a.cumsum(-1)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w_out[1, 0, :, 5:], w_out[1, 0, :, 4:5].expand(-1, 11))
 
@@ -102,15 +103,15 @@ def test_float32_inference_scan_uses_the_kernel_and_equals_the_recurrence(monkey
     calls = []
     kernel = ssd_cpu.chunk_decays
     monkeypatch.setattr(ssd_cpu, "chunk_decays", lambda *args: calls.append(1) or kernel(*args))
-    x, dt, A, B, C, D = scan_inputs(l=75, groups=2, seed=5)
+    x, dt, A, B, C, D = scan_inputs(l=150, groups=2, seed=5)  # 38 chunks of 4: groups of chunks in the buffer
     want, want_state = ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True)
     single = [t.float() for t in (x, dt, A, B, C, D)]
     with torch.no_grad():
-        got, got_state = ssd_scan_chunked(*single, chunk_size=8, return_final_state=True)
-    assert calls == [1]
+        got, got_state = ssd_scan_chunked(*single, chunk_size=4, return_final_state=True)
+    assert calls == [1] and 150 / 4 > 2 * mamba2.CHUNKS_AT_ONCE
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_state.double(), want_state, rtol=1e-4, atol=1e-4)
-    y = ssd_scan_chunked(*[t.requires_grad_() for t in single], chunk_size=8)  # training: PyTorch's path
+    y = ssd_scan_chunked(*[t.requires_grad_() for t in single], chunk_size=4)  # training: PyTorch's path
     assert calls == [1] and y.requires_grad
     torch.testing.assert_close(y.detach(), got)
 

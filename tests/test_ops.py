@@ -126,6 +126,32 @@ def test_fused_residual_rms_norm_matches_the_block_under_autograd(first_block):
     torch.testing.assert_close(out1.out, block(hidden, residual)[0].out.detach(), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_fused_gated_rms_norm_matches_pytorch_in_float64(groups, monkeypatch):
+    """Mamba-2's gated norm without gradients (one numba pass) against its PyTorch ops in float64; z is a slice of
+    a wider projection, as in the mixer. A decode step's rows and training keep the PyTorch path."""
+    import simba_cli.ops.norm_cpu as norm_cpu
+    from simba_cli.models.mamba2 import GatedRMSNorm
+
+    calls = []
+    kernel = norm_cpu.gated_rms_norm
+    monkeypatch.setattr(norm_cpu, "gated_rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    norm = GatedRMSNorm(96, groups, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    y, wide = torch.randn(2, 40, 96, generator=g), torch.randn(2, 40, 300, generator=g) * 4
+    z = wide[..., 100:196]
+    want = norm(y.double(), z.double())
+    trained = norm(y, z)
+    with torch.no_grad():
+        got = norm(y, z)
+        norm(y[:, 0], z[:, 0])
+    assert calls == [1] and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, trained.detach(), rtol=1e-5, atol=1e-5)
+
 def test_inference_step_sizes_equal_the_autograd_path(monkeypatch):
     """scan_dt without gradients (one numba pass) against softplus(delta + bias) with padding zeroed, on a
     strided slice as in_proj's output gives it."""
@@ -182,7 +208,7 @@ KERNELS_SCRIPT = """
 import sys, numba, numpy as np, torch
 torch.set_num_threads(1); numba.set_num_threads(1); torch.manual_seed(0)
 from simba_cli.ops.conv import causal_conv1d
-from simba_cli.ops.norm_cpu import add_rms_norm
+from simba_cli.ops.norm_cpu import add_rms_norm, gated_rms_norm
 from simba_cli.ops.scan import scan_dt, selective_scan
 from simba_cli.ops.ssd_cpu import chunk_decays
 from simba_cli.ops.step_cpu import conv_step, ssm_step
@@ -198,8 +224,9 @@ with torch.no_grad():
                conv_step=conv_step(torch.randn(b, d, 4), xz[:, 0, :d], torch.randn(d, 4), torch.randn(d)),
                ssm_step=ssm_step(torch.randn(b, d, n), u[:, 0], delta[:, 0], torch.randn(d), A, B[:, 0], C[:, 0],
                                  torch.randn(d), xz[:, 0, d:]))
-    ssd = chunk_decays(-torch.rand(b, 3, 4, 32), torch.randn(b, 3, 2, 32, 32), 2)
+    ssd = chunk_decays(-torch.rand(b, 3, 4, 32), torch.rand(b, 3, 4, 32), torch.randn(b, 3, 2, 32, 32), 2)
     out.update(zip(("ssd_weights", "ssd_in", "ssd_out"), ssd))
+    out.update(gated_norm=gated_rms_norm(h, xz[..., :48], torch.randn(48), 2, 1e-5))
 np.savez(sys.argv[1], **{k: v.numpy() for k, v in out.items()})
 """
 

@@ -121,32 +121,39 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     """The matmul form: within each chunk of Q tokens a masked (Q, Q) product, across chunks the recurrence.
 
     The sequence is padded with dt = 0 to a multiple of Q: a padded step neither decays nor adds to the state.
+    Inference on CPU in float32 (no gradient wanted) computes the within-chunk decays in numba
+    (`ops.ssd_cpu`) and carries the states across chunks in one reused buffer; otherwise PyTorch's ops, which
+    autograd differentiates.
     """
     b, l, H, P = x.shape
     G, N = B.shape[-2:]
+    R = H // G
     dtype = _compute_dtype(x)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    inference = _inference_on_cpu(x, dt, A, B, C)
     Q = chunk_size
     pad = (-l) % Q
     padded = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t for t in (x, dt, B, C))
     xc, dtc, Bc, Cc = (t.unflatten(1, (-1, Q)) for t in padded)
     # xc (b, c, Q, H, P); dtc (b, c, Q, H); Bc, Cc (b, c, Q, G, N)
-    a = (dtc * A).transpose(-1, -2)  # (b, c, H, Q), non-positive
+    dt_hq = dtc.transpose(-1, -2)  # (b, c, H, Q)
+    a = dt_hq * A[:, None]  # (b, c, H, Q), non-positive
     scores = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, G, Q, Q): C_t . B_s
-    # weights (b, c, H, Q, Q): exp(seg[t, s]) scores[t, s], the decay from s to t (0 above the diagonal);
-    # w_in (b, c, H, Q): from s to the chunk's end; w_out (b, c, H, Q): from the chunk's start (before token 0) to t
-    if _inference_on_cpu(x, dt, A, B, C):
-        from simba_cli.ops.ssd_cpu import chunk_decays  # one numba pass instead of six over (b, c, H, Q, Q)
+    # weights (b, c, H, Q, Q): exp(seg[t, s]) scores[t, s] dt_s, the decay from s to t (0 above the diagonal);
+    # w_in (b, c, H, Q): exp(seg[Q-1, s]) dt_s, from s to the chunk's end; w_out (b, c, H, Q): from the chunk's
+    # start (before token 0) to t
+    if inference:
+        from simba_cli.ops.ssd_cpu import chunk_decays  # one numba pass instead of seven over (b, c, H, Q, Q)
 
-        weights, w_in, w_out = chunk_decays(a, scores, H // G)
+        weights, w_in, w_out = chunk_decays(a, dt_hq, scores, R)
     else:
         seg = _segment_sums(a)  # (b, c, H, Q, Q)
-        weights = (torch.exp(seg).unflatten(2, (G, H // G)) * scores[:, :, :, None]).flatten(2, 3)
-        w_in, w_out = torch.exp(seg[..., -1, :]), torch.exp(a.cumsum(-1))
-    u = _heads_by_group(dtc[..., None] * xc, G)  # (b, c, Q, G, R, P), R = H / G heads per group
+        weights = (torch.exp(seg).unflatten(2, (G, R)) * scores[:, :, :, None]).flatten(2, 3) * dt_hq[..., None, :]
+        w_in, w_out = torch.exp(seg[..., -1, :]) * dt_hq, torch.exp(a.cumsum(-1))
 
     # 1. Within a chunk: y[t] = sum_{s <= t} (C_t . B_s) exp(seg[t, s]) dt_s x_s
-    y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights.unflatten(2, (G, H // G)), u)
+    x_g = _heads_by_group(xc, G)  # (b, c, Q, G, R, P)
+    y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights.unflatten(2, (G, R)), x_g)
 
     # 2. Across chunks: each chunk's own contribution to the state at its end (from a zero state at its
     # start); the recurrence over chunks gives the state entering each; that state, decayed to each t within
@@ -154,11 +161,22 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     # ones, while memory holds that many states (b, H, P, N), not l / Q of them.
     w_in, w_out = _heads_by_group(w_in, G), _heads_by_group(w_out, G)  # (b, c, G, R, Q)
     chunk_decay = w_out[..., -1, None, None]  # (b, c, G, R, 1, 1): across the whole chunk
-    u_in = u * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
-    state = x.new_zeros(b, G, H // G, P, N)
-    # split and unbind, not [:, c]: autograd then joins the pieces' gradients once, not one full-size tensor each;
-    # the reads are added into y's slices in place (no concatenated copy: large fresh tensors cost page faults)
-    pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay)) if xc.shape[1] else ()
+    u_in = x_g * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
+    state = x.new_zeros(b, G, R, P, N)
+    across = _across_chunks_in_place if inference else _across_chunks
+    state = across(y, Cc, w_out, u_in, Bc, chunk_decay, state) if xc.shape[1] else state
+
+    y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
+    if D is not None:
+        y = y.addcmul_(x, D.to(dtype)[:, None])
+    return (y, state.flatten(1, 2)) if return_final_state else y
+
+
+def _across_chunks(y, Cc, w_out, u_in, Bc, chunk_decay, state):
+    """Adds the reads of the states entering each chunk into y (b, c, Q, G, R, P); returns the final state.
+    Autograd's version: split and unbind, not [:, c], so that it joins the pieces' gradients once, not one
+    full-size tensor each; the reads are added into y's slices in place (a concatenated copy costs as much again)."""
+    pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay))
     for k, (C_k, w_k, u_k, B_k, decay_k) in enumerate(zip(*pieces)):
         entering = []
         for own, decay in zip(torch.einsum("bcsgrp,bcsgn->bcgrpn", u_k, B_k).unbind(1), decay_k.unbind(1)):
@@ -166,11 +184,26 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
             state = torch.addcmul(own, decay, state)
         y.narrow(1, k * CHUNKS_AT_ONCE, C_k.shape[1]).add_(
             torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", C_k, torch.stack(entering, 1), w_k))
+    return state
 
-    y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
-    if D is not None:
-        y = y.addcmul_(x, D.to(dtype)[:, None])
-    return (y, state.flatten(1, 2)) if return_final_state else y
+
+def _across_chunks_in_place(y, Cc, w_out, u_in, Bc, chunk_decay, state):
+    """`_across_chunks` without gradients: each state is written once, into a buffer of CHUNKS_AT_ONCE + 1 that
+    every group of chunks reuses (no list to stack, no fresh state per chunk: large fresh tensors cost page
+    faults on CPU)."""
+    c = Cc.shape[1]
+    k = min(CHUNKS_AT_ONCE, c)
+    states = state.new_empty(k + 1, *state.shape)  # (k + 1, b, G, R, P, N)
+    for start in range(0, c, k):
+        n = min(k, c - start)
+        own = torch.einsum("bcsgrp,bcsgn->cbgrpn", u_in[:, start:start + n], Bc[:, start:start + n])
+        states[0] = state
+        for i in range(n):
+            torch.addcmul(own[i], chunk_decay[:, start + i], states[i], out=states[i + 1])
+        y[:, start:start + n] += torch.einsum("bctgn,cbgrpn,bcgrt->bctgrp", Cc[:, start:start + n], states[:n],
+                                              w_out[:, start:start + n])
+        state = states[n].clone()
+    return state
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -186,6 +219,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y, z):
+        if y[..., 0].numel() >= 64 and _inference_on_cpu(y, z, self.weight):
+            from simba_cli.ops.norm_cpu import gated_rms_norm  # one numba pass; a decode step's row stays here
+
+            return gated_rms_norm(y, z, self.weight, self.groups, self.eps)
         dtype = y.dtype
         h = y.float() * F.silu(z.float())
         h = h.unflatten(-1, (self.groups, -1))
