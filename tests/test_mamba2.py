@@ -148,13 +148,11 @@ def test_logits_equal_transformers(tmp_path, n_groups, monkeypatch):
     assert (ours.cfg.n_heads, ours.cfg.n_groups, ours.cfg.chunk_size) == (4, n_groups, 8)
     want = logits(oracle, IDS)
     # The block length changes the computation, not the result: 19 tokens in one block and in blocks of 5 and 7
-    # (on CPU the model takes CPU_CHUNK_SIZE, whatever the checkpoint's chunk_size, which it keeps; training
-    # takes CPU_TRAIN_CHUNK_SIZE).
-    assert mamba2.scan_chunk_size(ours.cfg, torch.device("cpu"), training=True) == mamba2.CPU_TRAIN_CHUNK_SIZE
+    # (on CPU the model takes CPU_CHUNK_SIZE, whatever the checkpoint's chunk_size, which it keeps).
     for chunk in (mamba2.CPU_CHUNK_SIZE, 5, 7):
         monkeypatch.setattr(mamba2, "CPU_CHUNK_SIZE", chunk)
         assert mamba2.scan_chunk_size(ours.cfg, torch.device("cpu")) == chunk
-        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cuda"), training=True) == 8
+        assert mamba2.scan_chunk_size(ours.cfg, torch.device("cuda")) == 8
         torch.testing.assert_close(logits(ours, IDS), want, rtol=1e-4, atol=1e-4)
 
 

@@ -9,7 +9,7 @@ Glossary (code name -> paper symbol, shapes for a batch of b sequences of length
     n_groups   G        groups of heads sharing B and C (like grouped-query attention); H % G == 0
     d_state    N        state size: B, C are (b, l, G, N); head h reads group h // (H / G)
     d_conv     k        width of the causal depthwise convolution over xBC
-    chunk_size Q        block length of the chunked (matmul) scan on GPUs (on CPU: `scan_chunk_size`)
+    chunk_size Q        block length of the chunked (matmul) scan on GPUs (CPU_CHUNK_SIZE on CPU)
     A_log               A_h = -exp(A_log[h]) < 0, one scalar per head, (H,)
     dt_bias             dt = softplus(dt_raw + dt_bias), clamped to dt_limit, (b, l, H)
     D                   skip per head, y += D_h * x, (H,)
@@ -93,22 +93,18 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(k[:, None] < k[None, :], -math.inf)
 
 
-# Block lengths of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile): the
+# The block length of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile): the
 # result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
-# multiply-adds and l Q H decays, costs more than the l / Q steps across chunks save. Measured side by side:
-# inference (the decays in numba) on a mamba2-130m layer at l = 2048, Q = 32 takes 37-41 ms, 48 takes 32-35;
-# a zoo-m2 training step (PyTorch's decays, differentiated) takes 0.56-0.68 s at Q = 32 and 0.69-0.80 s at 48.
-CPU_CHUNK_SIZE = 48
-CPU_TRAIN_CHUNK_SIZE = 32
+# multiply-adds and l Q H decays, costs more than the l / Q steps across chunks save. Measured side by side on a
+# mamba2-130m layer, inference: at l = 1024, Q = 32 takes 17-20 ms, 48 19-20, 64 19-22, 96 26-31; at l = 2048,
+# 30-47, 29-58, 37-52 and 59-75 ms. A zoo-m2 training step takes 0.56-0.68 s at Q = 32 and 0.69-0.80 s at 48.
+CPU_CHUNK_SIZE = 32
 CHUNKS_AT_ONCE = 16  # chunks whose states the scan holds at once (b, 16, H, P, N): 12.6 MB for mamba2-130m
 
 
-def scan_chunk_size(cfg: Mamba2Config, device: torch.device, training: bool = False) -> int:
-    """The block length the chunked scan uses: the config's on GPUs; on CPU, CPU_CHUNK_SIZE for inference and
-    CPU_TRAIN_CHUNK_SIZE where gradients flow."""
-    if device.type == "cuda":
-        return cfg.chunk_size
-    return CPU_TRAIN_CHUNK_SIZE if training else CPU_CHUNK_SIZE
+def scan_chunk_size(cfg: Mamba2Config, device: torch.device) -> int:
+    """The block length the chunked scan uses on this device: the config's on GPUs, CPU_CHUNK_SIZE elsewhere."""
+    return cfg.chunk_size if device.type == "cuda" else CPU_CHUNK_SIZE
 
 
 def _inference_on_cpu(*tensors) -> bool:
@@ -173,7 +169,8 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
 
 
 def _across_chunks(y, Cc, w_out, u_in, Bc, chunk_decay, state):
-    """Adds the reads of the states entering each chunk into y (b, c, Q, G, R, P); returns the final state.
+    """Adds the reads of the states entering each chunk, decayed to each t (w_out), into y (b, c, Q, G, R, P);
+    returns the final state.
     Autograd's version: split and unbind, not [:, c], so that it joins the pieces' gradients once, not one
     full-size tensor each; the reads are added into y's slices in place (a concatenated copy costs as much again)."""
     pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay))
@@ -182,8 +179,8 @@ def _across_chunks(y, Cc, w_out, u_in, Bc, chunk_decay, state):
         for own, decay in zip(torch.einsum("bcsgrp,bcsgn->bcgrpn", u_k, B_k).unbind(1), decay_k.unbind(1)):
             entering.append(state)
             state = torch.addcmul(own, decay, state)
-        y.narrow(1, k * CHUNKS_AT_ONCE, C_k.shape[1]).add_(
-            torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", C_k, torch.stack(entering, 1), w_k))
+        reads = torch.einsum("bctgn,bcgrpn->bctgrp", C_k, torch.stack(entering, 1))
+        y.narrow(1, k * CHUNKS_AT_ONCE, C_k.shape[1]).addcmul_(reads, w_k.permute(0, 1, 4, 2, 3)[..., None])
     return state
 
 
@@ -200,8 +197,8 @@ def _across_chunks_in_place(y, Cc, w_out, u_in, Bc, chunk_decay, state):
         states[0] = state
         for i in range(n):
             torch.addcmul(own[i], chunk_decay[:, start + i], states[i], out=states[i + 1])
-        y[:, start:start + n] += torch.einsum("bctgn,cbgrpn,bcgrt->bctgrp", Cc[:, start:start + n], states[:n],
-                                              w_out[:, start:start + n])
+        reads = torch.einsum("bctgn,cbgrpn->bctgrp", Cc[:, start:start + n], states[:n])
+        y[:, start:start + n].addcmul_(reads, w_out[:, start:start + n].permute(0, 1, 4, 2, 3)[..., None])
         state = states[n].clone()
     return state
 
@@ -300,8 +297,7 @@ class Mamba2Mixer(nn.Module):
         A = self.A()
         # dt is zero on padding, so the state at the end of the padded sequence is the state after its last
         # real token: the scan's final state is the decoding state.
-        chunk = scan_chunk_size(cfg, x.device, training=not _inference_on_cpu(x, dt, A, B, C, self.D))
-        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=chunk,
+        y, ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.D, chunk_size=scan_chunk_size(cfg, x.device),
                                         return_final_state=True)
         y = self.norm(y.reshape(b, l, cfg.d_inner), z)
         result = MixerOutput(self.out_proj(y.to(hidden.dtype)))
