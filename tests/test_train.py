@@ -263,3 +263,29 @@ def test_zoo_model_reproduces_its_recorded_perplexity(name):
     recipe.prune = None
     val = loop.evaluate_loss(loaded.model, windows, loop.LossFn(recipe), 8, "cpu")
     assert math.exp(val) == pytest.approx(metrics["val_ppl"], rel=1e-5)  # measured on the published (bf16) weights
+
+
+def test_zoo_card_measured_again_in_place(tmp_path, monkeypatch):
+    """`python -m simba_cli.eval.zoocard --card NAME` measures a published model's card again: the context gain is
+    the paired mean over windows, log(ppl_ctx128 / ppl_ctx1024), with its standard error; weights stay as they are."""
+    import shutil
+
+    from simba_cli.eval import zoocard
+    from simba_cli.models import zoo
+
+    shutil.copytree(zoo.path("zoo-xxxs"), tmp_path / "zoo-xxxs")
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    monkeypatch.setattr(zoocard, "WINDOWS", 24)
+    weights = (tmp_path / "zoo-xxxs" / "model.safetensors").read_bytes()
+    before = json.loads((tmp_path / "zoo-xxxs" / "metrics.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["zoocard", "--card", "zoo-xxxs"])
+    zoocard.main()
+    card = zoo.info("zoo-xxxs")
+    assert (tmp_path / "zoo-xxxs" / "model.safetensors").read_bytes() == weights
+    assert card["ppl_windows"] == 24 and card["train_time_s"] == before["train_time_s"]
+    # (each window's NLL is summed in float32, the perplexities in float64: they agree to about 1e-7)
+    assert card["context_gain"] == pytest.approx(math.log(card["ppl_ctx128"] / card["ppl_ctx1024"]), abs=1e-6)
+    assert 0 < card["context_gain_se"] < 0.05
+    assert card["val_ppl"] == pytest.approx(before["val_ppl"], rel=1e-5)
+    r = CliRunner().invoke(app, ["zoo"])
+    assert r.exit_code == 0 and "context gain" in r.output and "%" in r.output, r.output

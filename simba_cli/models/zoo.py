@@ -38,14 +38,15 @@ def _metrics(directory: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-CARD = ("family", "params", "flops_per_token", "ppl_ctx128", "ppl_ctx1024", "passkey_acc", "passkey_by_depth",
-        "val_ppl", "train_time_s", "train_seq_len")
+CARD = ("family", "params", "flops_per_token", "ppl_ctx128", "ppl_ctx1024", "context_gain", "context_gain_se",
+        "passkey_acc", "passkey_by_depth", "val_ppl", "train_time_s", "train_seq_len")
 
 
 def info(name: str) -> dict:
     """A model's card: its family (from config.json), size, FLOPs per token, held-out perplexity with 128 and
-    1024 tokens of context, pass-key accuracy (dense, at its training length, every depth), and how it was
-    trained (metrics.json, measured by `simba_cli.eval.zoocard` after training; absent where not measured)."""
+    1024 tokens of context and what the longer context gains, pass-key accuracy (dense, at its training length,
+    every depth), and how it was trained (metrics.json, measured by `simba_cli.eval.zoocard` after training;
+    absent where not measured)."""
     d = path(name)
     if d is None:
         return {}
