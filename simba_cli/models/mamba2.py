@@ -108,7 +108,8 @@ def scan_chunk_size(cfg: Mamba2Config, device: torch.device) -> int:
 
 
 def _inference_on_cpu(*tensors) -> bool:
-    """float32 on CPU and no gradient wanted: the within-chunk decays run in numba (`ops.ssd_cpu`)."""
+    """float32 on CPU and no gradient wanted: the scan's decays run in numba (`ops.ssd_cpu`), its states across
+    chunks in place, and the gated norm in one pass (`ops.norm_cpu`); otherwise PyTorch's ops, for autograd."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
@@ -169,10 +170,10 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
 
 
 def _across_chunks(y, Cc, w_out, u_in, Bc, chunk_decay, state):
-    """Adds the reads of the states entering each chunk, decayed to each t (w_out), into y (b, c, Q, G, R, P);
-    returns the final state.
-    Autograd's version: split and unbind, not [:, c], so that it joins the pieces' gradients once, not one
-    full-size tensor each; the reads are added into y's slices in place (a concatenated copy costs as much again)."""
+    """Adds the reads of the states entering each chunk, decayed to each t (w_out), into y (b, c, Q, G, R, P), and
+    returns the final state. This is autograd's version: split and unbind, not [:, c], so that autograd joins the
+    pieces' gradients once, not one full-size tensor each; the reads go into y's slices in place (a
+    concatenated copy would cost as much again)."""
     pieces = (t.split(CHUNKS_AT_ONCE, 1) for t in (Cc, w_out, u_in, Bc, chunk_decay))
     for k, (C_k, w_k, u_k, B_k, decay_k) in enumerate(zip(*pieces)):
         entering = []
