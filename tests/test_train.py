@@ -289,3 +289,15 @@ def test_zoo_card_measured_again_in_place(tmp_path, monkeypatch):
     assert card["val_ppl"] == pytest.approx(before["val_ppl"], rel=1e-5)
     r = CliRunner().invoke(app, ["zoo"])
     assert r.exit_code == 0 and "context gain" in r.output and "%" in r.output, r.output
+
+
+def test_zoo_card_says_what_is_wrong_in_one_line(tmp_path, capsys, monkeypatch):
+    from simba_cli.eval import zoocard
+
+    for argv, says in ((["--card", "zoo-nope"], "no zoo model named 'zoo-nope'"),
+                       ([str(tmp_path)], "is not a finished training run")):
+        monkeypatch.setattr(sys, "argv", ["zoocard", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            zoocard.main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err

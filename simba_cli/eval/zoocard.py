@@ -146,11 +146,22 @@ def remeasure(name: str) -> dict:
 
 
 def main():
-    args = sys.argv[1:]
-    card_only = args[:1] == ["--card"]
-    for item in args[1:] if card_only else args:
-        card = remeasure(item) if card_only else publish(item)
-        print(f"{item}: " + ", ".join(f"{k} {v:.3g}" for k, v in card.items() if isinstance(v, float)), flush=True)
+    import argparse
+
+    from simba_cli.errors import UserError
+
+    parser = argparse.ArgumentParser(description="Publish trained runs into the zoo, or measure published cards again.")
+    parser.add_argument("items", nargs="+", metavar="RUN_OR_NAME", help="training runs (runs/zoo/NAME), or with "
+                                                                         "--card the names of published models")
+    parser.add_argument("--card", action="store_true", help="measure the named zoo models' cards again, in place")
+    args = parser.parse_args()
+    try:
+        for item in args.items:
+            card = remeasure(item) if args.card else publish(item)
+            print(f"{item}: " + ", ".join(f"{k} {v:.3g}" for k, v in card.items() if isinstance(v, float)), flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
