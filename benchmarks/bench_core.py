@@ -30,6 +30,8 @@
                                        projections and the LM head), side by side: at b=1 a step reads every
                                        weight once, so this floor bounds decoding on the machine's memory
                                        bandwidth (no target; it says how far any decoder could go)
+    decode_speedup_bound               transformers' generation time over our prefill plus 256 steps at that
+                                       floor: the most any decoder of these weights could gain on this machine
     pruned_prefill_speedup_share       time to the first token with a Simba-pruned prefill (linear to 0.1,
                                        2048 prompt tokens) against the dense prefill, divided by the FLOPs
                                        ratio of the two                                     target >= 0.85
@@ -233,7 +235,8 @@ def speed(tiny: bool) -> dict:
         ours_ids, theirs_ids = ours(), theirs()
         t = medians_side_by_side({"ours": ours, "theirs": theirs}, 3)
     agree = float((ours_ids == theirs_ids).float().mean())
-    out.update(decode_ours_tokens_per_s=new / t["ours"], decode_transformers_tokens_per_s=new / t["theirs"],
+    out.update(decode_ours_s=t["ours"], decode_transformers_s=t["theirs"],
+               decode_ours_tokens_per_s=new / t["ours"], decode_transformers_tokens_per_s=new / t["theirs"],
                decode_tokens_per_s_vs_transformers=t["theirs"] / t["ours"], decode_tokens_agree=agree)
     print(f"greedy decode, {new} tokens after {prompt}: ours {new / t['ours']:.1f} tokens/s, transformers "
           f"{new / t['theirs']:.1f} tokens/s, {t['theirs'] / t['ours']:.2f}x ({agree:.0%} of tokens agree)",
@@ -246,11 +249,16 @@ def speed(tiny: bool) -> dict:
         token, floor = logits.argmax(-1), linear_floor(model, 1)
         step(model, token, state)
         floor()
-        t = medians_side_by_side({"step": lambda: step(model, token, state), "floor": floor}, 20)
+        t = medians_side_by_side({"step": lambda: step(model, token, state), "floor": floor,
+                                  "prefill": lambda: prefill(model, prompt_ids)}, 20)
+    # our prefill, then every step at the floor: no decoder of these weights on this machine does better
+    bound = out["decode_transformers_s"] / (t["prefill"] + new * t["floor"])
     out.update(decode_step_s=t["step"], decode_weight_read_floor_s=t["floor"],
-               decode_step_vs_weight_read_floor=t["step"] / t["floor"])
+               decode_step_vs_weight_read_floor=t["step"] / t["floor"], decode_prefill_s=t["prefill"],
+               decode_speedup_bound=bound)
     print(f"decode step {t['step'] * 1e3:.1f} ms, reading every weight once {t['floor'] * 1e3:.1f} ms, "
-          f"{t['step'] / t['floor']:.2f}x its floor", flush=True)
+          f"{t['step'] / t['floor']:.2f}x its floor; our prefill and {new} steps at that floor would be "
+          f"{bound:.2f}x transformers", flush=True)
 
     pruned = PruneConfig(schedule="linear", final_keep=0.1)
     long_ids = torch.randint(0, 50000, (1, l_prefill))
