@@ -1,0 +1,54 @@
+"""What each zoo model gains from context on the held-out plays, as a curve: the zoo card's measurement
+(`simba_cli.eval.zoocard`: the last 32 tokens of 512 windows of the evaluation plays) at several context
+lengths, each paired with 128 tokens over the same scored tokens.
+
+    gain[L] = mean over windows of NLL(128 tokens of context) - NLL(L tokens), nats per scored token, with its
+              standard error over the paired windows (positive: the longer context helps)
+
+    python benchmarks/context_gain.py            # about 3 minutes; results/context_gain.json
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write  # noqa: E402
+
+from simba_cli.eval.perplexity import long_context_perplexity, token_stream  # noqa: E402
+from simba_cli.eval.zoocard import WINDOWS  # noqa: E402
+from simba_cli.models.zoo import names  # noqa: E402
+from simba_cli.simba.runner import ModelRunner  # noqa: E402
+from simba_cli.simba.settings import DENSE  # noqa: E402
+
+CONTEXTS = (64, 128, 256, 512, 768, 1024)
+BASE, SCORED = 128, 32
+
+
+def measure(name: str) -> dict:
+    runner = ModelRunner.load(name, "cpu")
+    with torch.no_grad():
+        rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer), DENSE, CONTEXTS, SCORED,
+                                       WINDOWS, 16, "cpu")
+    base = torch.tensor(next(r for r in rows if r["context"] == BASE)["window_nll"], dtype=torch.float64)
+    result = {}
+    for r in rows:
+        gain = base - torch.tensor(r["window_nll"], dtype=torch.float64)
+        result[str(r["context"])] = {"ppl": r["ppl"], "gain": float(gain.mean()),
+                                     "gain_se": float(gain.std() / math.sqrt(len(gain)))}
+    return result
+
+
+def main():
+    results = {"windows": WINDOWS, "scored_per_window": SCORED, "base_context": BASE}
+    for name in names():
+        results[name] = measure(name)
+        print(name, " | ".join(f"{c}: {100 * g['gain']:+.2f} ± {100 * g['gain_se']:.2f}"
+                               for c, g in results[name].items()), "(% of NLL, ± 1 se)", flush=True)
+    write("context_gain", results)
+
+
+if __name__ == "__main__":
+    main()
