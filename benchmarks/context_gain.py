@@ -6,6 +6,7 @@ lengths, each paired with 128 tokens over the same scored tokens.
               standard error over the paired windows (positive: the longer context helps)
 
     python benchmarks/context_gain.py            # about 5 minutes; results/context_gain.json
+    python benchmarks/context_gain.py runs/probe-zoo-xxs-continue/model     # any model: prints, writes nothing
 """
 
 import math
@@ -42,12 +43,14 @@ def measure(name: str) -> dict:
 
 
 def main():
+    models = sys.argv[1:]
     results = {"windows": WINDOWS, "scored_per_window": SCORED, "base_context": BASE}
-    for name in names():
+    for name in models or names():
         results[name] = measure(name)
         gains = " | ".join(f"{c}: {100 * g['gain']:+.2f} ± {100 * g['gain_se']:.2f}" for c, g in results[name].items())
         print(name, gains, "(nats per token x 100, about % of perplexity; ± 1 se)", flush=True)
-    write("context_gain", results)
+    if not models:
+        write("context_gain", results)
 
 
 if __name__ == "__main__":
