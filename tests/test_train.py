@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,3 +302,20 @@ def test_zoo_card_says_what_is_wrong_in_one_line(tmp_path, capsys, monkeypatch):
             zoocard.main()
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    """Each recipe the README or the Makefile names is valid as written: a training recipe (finetune) or a
+    comparison (compare)."""
+    from simba_cli.eval.compare import CompareSpec
+    from simba_cli.train.recipe import load_recipe
+
+    assert len(RECIPES) >= 15
+    if "train" in yaml.safe_load(path.read_text()):
+        assert load_recipe(path).train.steps > 0
+    else:
+        assert isinstance(CompareSpec.from_yaml(path), CompareSpec)
