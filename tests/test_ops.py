@@ -1,5 +1,6 @@
 """Every CPU backend against its PyTorch reference, forward and gradients (mamba-ssm's fp32 tolerance)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,24 @@ def test_cpu_conv_matches_torch_conv(silu):
     gy = torch.randn(y0.shape, generator=g)
     for a, c in zip(torch.autograd.grad((y1 * gy).sum(), (x, w, b)), torch.autograd.grad((y0 * gy).sum(), (x, w, b))):
         torch.testing.assert_close(a, c, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shape", [(3, 9), (3, 1), (1, 5), (0, 4)])
+def test_cpu_conv_reads_a_slice_of_a_wider_projection_in_place(shape):
+    """The forward reads x where it lies, a column slice of in_proj's output (rows evenly spaced), or a
+    transposed tensor (copied first), for any batch and length, an empty batch included."""
+    from simba_cli.ops.numba_math import f32_flat_rows
+
+    b, l = shape
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(b, l, 100, generator=g)
+    w, bias = torch.randn(40, 4, generator=g), torch.randn(40, generator=g)
+    for x in (wide[..., 30:70], torch.randn(b, 40, l, generator=g).transpose(1, 2)):
+        flat, stride = f32_flat_rows(x)
+        if x.data_ptr() == wide[..., 30:].data_ptr() and b * l > 1:
+            assert stride == 100 and np.shares_memory(flat, wide.numpy())  # read in place, not copied
+        with torch.no_grad():
+            torch.testing.assert_close(causal_conv1d(x, w, bias), causal_conv1d_ref(x, w, bias), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("softplus", [True, False])

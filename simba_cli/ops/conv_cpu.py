@@ -1,6 +1,7 @@
 """The compiled CPU causal depthwise convolution with fused SiLU (numba), forward and backward, float32.
 
-Token-major like the rest of the package, so no transposes or copies around it. Shapes and contract
+Token-major like the rest of the package, so no transposes or copies around it: the forward reads its input
+in place, also when it is a slice of a wider projection's output. Shapes and contract
 as `ops.conv.causal_conv1d`: x (b, l, D), weight (D, k), bias (D,).
 """
 
@@ -11,13 +12,14 @@ import numpy as np
 import torch
 from numba import prange
 
-from simba_cli.ops.numba_math import channel_chunks, f32, silu_inplace
+from simba_cli.ops.numba_math import channel_chunks, f32, f32_flat_rows, silu_inplace
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def _conv_fwd(x, wT, bias, silu, out, width):
+def _conv_fwd(x, row_stride, wT, bias, silu, out, width):
+    # x: the input's rows, token (bi, t) starting at x[(bi * nl + t) * row_stride] (`numba_math.f32_flat_rows`);
     # wT: (k, D), the filter transposed so that a chunk of channels is contiguous.
-    nb_, nl, nd = x.shape
+    nb_, nl, nd = out.shape
     k = wT.shape[0]
     n_chunks = (nd + width - 1) // width
     for task in prange(nb_ * n_chunks):
@@ -30,7 +32,8 @@ def _conv_fwd(x, wT, bias, silu, out, width):
         for t in range(nl):
             acc[:] = bias[d0:d0 + w]
             for i in range(max(0, k - 1 - t), k):
-                xs = x[bi, t - k + 1 + i, d0:d0 + w]
+                at = (bi * nl + t - k + 1 + i) * row_stride + d0
+                xs = x[at:at + w]
                 wi = wT[i, d0:d0 + w]
                 for j in range(w):
                     acc[j] += wi[j] * xs[j]
@@ -98,7 +101,7 @@ class CpuCausalConv(torch.autograd.Function):
         b, l, d = x.shape
         bias_ = torch.zeros(d) if bias is None else bias
         out = torch.empty(b, l, d, dtype=torch.float32)
-        _conv_fwd(f32(x), f32(weight.t()), f32(bias_), silu, out.numpy(), channel_chunks(b, d))
+        _conv_fwd(*f32_flat_rows(x), f32(weight.t()), f32(bias_), silu, out.numpy(), channel_chunks(b, d))
         ctx.save_for_backward(x, weight, bias_)
         ctx.silu, ctx.has_bias = silu, bias is not None
         return out.to(x.dtype)

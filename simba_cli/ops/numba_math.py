@@ -77,6 +77,21 @@ def f32_rows(t):
     return t.numpy() if t.stride(-1) == 1 else t.contiguous().numpy()
 
 
+def f32_flat_rows(t) -> tuple[np.ndarray, int]:
+    """(flat, row_stride) for t (b, l, D): a 1-d float32 numpy view from t's first element to its last, row r of
+    its b l rows starting at flat[r * row_stride]. A view of t itself when its rows are evenly spaced with
+    contiguous channels (a slice of in_proj's output is), else of a contiguous copy. Unlike `f32_rows`, the
+    kernels see a contiguous array and LLVM vectorises their loops over channels."""
+    b, l, d = t.shape
+    rows = t.detach().to(torch.float32).reshape(b * l, d)  # a view where the strides allow, else a copy
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    row_stride = rows.stride(0) if b * l > 1 else d
+    if b * l == 0:
+        return np.empty(0, np.float32), d
+    return torch.as_strided(rows, ((b * l - 1) * row_stride + d,), (1,), rows.storage_offset()).numpy(), row_stride
+
+
 def channel_chunks(batch: int, channels: int) -> int:
     """Channel-chunk width so that batch x chunks keeps every numba thread busy."""
     threads = nb.get_num_threads()
