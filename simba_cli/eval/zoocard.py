@@ -36,9 +36,8 @@ WINDOWS = 512
 
 
 def measure(model_dir: str | Path, length: int | None = None, score_last: int = 32, windows: int | None = None) -> dict:
-    import torch
-
     from simba_cli.eval.perplexity import long_context_perplexity, token_stream
+    from simba_cli.eval.stats import paired
     from simba_cli.eval.tasks import PASSKEY_LENGTHS, build_tasks
     from simba_cli.models.checkpoint import family
     from simba_cli.simba.runner import ModelRunner
@@ -53,10 +52,8 @@ def measure(model_dir: str | Path, length: int | None = None, score_last: int = 
     rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer), DENSE, CONTEXTS, score_last,
                                    windows, 8, runner.device)
     card = {"family": family(runner.model.cfg), **{f"ppl_ctx{r['context']}": r["ppl"] for r in rows}}
-    gain = torch.tensor(rows[0]["window_nll"], dtype=torch.float64) - torch.tensor(rows[-1]["window_nll"],
-                                                                                 dtype=torch.float64)
-    card.update(context_gain=float(gain.mean()), context_gain_se=float(gain.std() / math.sqrt(len(gain))),
-                ppl_windows=windows, ppl_scored_per_window=score_last)
+    gain, gain_se = paired(rows[0]["window_nll"], rows[-1]["window_nll"])  # NLL@128 - NLL@1024, window by window
+    card.update(context_gain=gain, context_gain_se=gain_se, ppl_windows=windows, ppl_scored_per_window=score_last)
     docs = [json.loads(line) for line in (build_tasks() / "simba_passkey.jsonl").read_text().splitlines()]
     docs = [d for d in docs if d["length"] == length]
     by_depth: dict[str, list[bool]] = {}
