@@ -6,10 +6,11 @@ lengths, each paired with 128 tokens over the same scored tokens.
               standard error over the paired windows (positive: the longer context helps)
 
     python benchmarks/context_gain.py            # about 5 minutes; results/context_gain.json
-    python benchmarks/context_gain.py runs/probe-zoo-xxs-continue/model     # any model: prints, writes nothing
+    python benchmarks/context_gain.py --split validation zoo-m     # other plays, any models: prints, writes nothing
+    python benchmarks/context_gain.py runs/probe-zoo-xxs-continue/model
 """
 
-import math
+import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
 
 from simba_cli.eval.perplexity import long_context_perplexity, token_stream  # noqa: E402
+from simba_cli.eval.stats import paired  # noqa: E402
 from simba_cli.eval.zoocard import WINDOWS  # noqa: E402
 from simba_cli.models.zoo import names  # noqa: E402
 from simba_cli.simba.runner import ModelRunner  # noqa: E402
@@ -28,28 +30,32 @@ CONTEXTS = (64, 128, 256, 512, 768, 896, 960, 1024)
 BASE, SCORED = 128, 32
 
 
-def measure(name: str) -> dict:
+def measure(name: str, split: str = "evaluation") -> dict:
     runner = ModelRunner.load(name, "cpu")
     with torch.no_grad():
-        rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer), DENSE, CONTEXTS, SCORED,
-                                       WINDOWS, 16, "cpu")
-    base = torch.tensor(next(r for r in rows if r["context"] == BASE)["window_nll"], dtype=torch.float64)
+        rows = long_context_perplexity(runner.model, token_stream(runner.tokenizer, split=split), DENSE, CONTEXTS,
+                                       SCORED, WINDOWS, 16, "cpu")
+    base = next(r for r in rows if r["context"] == BASE)["window_nll"]
     result = {}
     for r in rows:
-        gain = base - torch.tensor(r["window_nll"], dtype=torch.float64)
-        result[str(r["context"])] = {"ppl": r["ppl"], "gain": float(gain.mean()),
-                                     "gain_se": float(gain.std() / math.sqrt(len(gain)))}
+        gain, se = paired(base, r["window_nll"])
+        result[str(r["context"])] = {"ppl": r["ppl"], "gain": gain, "gain_se": se}
     return result
 
 
 def main():
-    models = sys.argv[1:]
-    results = {"windows": WINDOWS, "scored_per_window": SCORED, "base_context": BASE}
-    for name in models or names():
-        results[name] = measure(name)
-        gains = " | ".join(f"{c}: {100 * g['gain']:+.2f} ± {100 * g['gain_se']:.2f}" for c, g in results[name].items())
-        print(name, gains, "(nats per token x 100, about % of perplexity; ± 1 se)", flush=True)
-    if not models:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="zoo names or model directories (default: the whole zoo, written "
+                                                  "to results/context_gain.json)")
+    parser.add_argument("--split", default="evaluation", help="the plays' split: evaluation (default) or validation")
+    args = parser.parse_args()
+    results = {"windows": WINDOWS, "scored_per_window": SCORED, "base_context": BASE, "split": args.split}
+    for name in args.models or names():
+        curve = results[name] = measure(name, args.split)
+        gains = " | ".join(f"{c}: {100 * g['gain']:+.2f} ± {100 * g['gain_se']:.2f}" for c, g in curve.items())
+        print(f"{name} (ppl {curve[str(BASE)]['ppl']:.1f} at {BASE} tokens, {curve[str(CONTEXTS[-1])]['ppl']:.1f} at "
+              f"{CONTEXTS[-1]}): {gains} (nats per token x 100, about % of perplexity; ± 1 se)", flush=True)
+    if not args.models and args.split == "evaluation":
         write("context_gain", results)
 
 
