@@ -85,7 +85,8 @@ Model = Annotated[str, typer.Argument(help="A zoo name, a local checkpoint direc
                                            "(state-spaces/mamba-130m) or a pruned artifact (simba prune)")]
 
 
-Schedule = Annotated[str, typer.Option(help="none, linear (the paper's), cosine, constant or step")]
+Schedule = Annotated[str, typer.Option(help="none, linear (the paper's), cosine, constant, step, or truncate "
+                                             "(the dense model on the last tokens only)")]
 FinalKeep = Annotated[float, typer.Option(help="Share of the input tokens entering the last layer, in (0, 1]")]
 FirstLayer = Annotated[int, typer.Option(help="First layer that sees fewer tokens (layer 0 sees all)")]
 Stages = Annotated[int, typer.Option(help="Number of steps of the step schedule")]
@@ -239,7 +240,8 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Documents per task (at least 1; default: all)")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward")] = 16,
-    schedule: Annotated[str | None, typer.Option(help="Override the schedule (none = dense)")] = None,
+    schedule: Annotated[str | None, typer.Option(help="Override the schedule (none: dense; truncate: last tokens)")]
+    = None,
     final_keep: Annotated[float | None, typer.Option(help="Override: share of the tokens entering the last layer")]
     = None,
     first_layer: Annotated[int | None, typer.Option(help="Override: first layer that sees fewer tokens")] = None,

@@ -364,3 +364,115 @@ def test_generate_rejects_bad_sampling_options_in_one_line(model_dir):
                         (["--max-new-tokens", "0"], "max_new_tokens"), (["--temperature", "-1"], "temperature")):
         r = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "To be", *args])
         _one_line_error(r, words)
+
+
+def test_prune_never_writes_among_a_users_files_and_leaves_nothing_on_a_bad_setting(model_dir, tmp_path):
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    _one_line_error(CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(users)]), "no simba.yaml")
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+    fresh = tmp_path / "fresh"
+    _one_line_error(CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(fresh), "--seq-len", "1"]),
+                    "too short")
+    assert not fresh.exists()
+    assert CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(fresh)]).exit_code == 0
+    _one_line_error(CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(fresh)]), "--overwrite")
+    assert CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(fresh), "--overwrite"]).exit_code == 0
+
+
+def test_recipes_that_are_not_text_are_one_line_errors(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"\xd0\xcf\x11\xe0 binary")
+    _one_line_error(CliRunner().invoke(app, ["finetune", str(model_dir), "--recipe", str(recipe),
+                                             "--out", str(tmp_path / "f")]), "not UTF-8")
+    _one_line_error(CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(tmp_path / "c")]),
+                    "not UTF-8")
+    assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
+
+
+def test_recipe_values_out_of_range(tmp_path):
+    from simba_cli.train.recipe import recipe_from_dict
+
+    for body, words in (({"optim": {"weight_decay": -0.1}}, "weight_decay"),
+                        ({"data": {"val_tokens": 0}}, "val_tokens"),
+                        ({"data": {"recall": {"shortest": 0, "lead_len": 0}}}, "shortest")):
+        with pytest.raises(UserError, match=words):
+            recipe_from_dict({"name": "r", **body}, "r")
+    with pytest.raises(UserError, match="match_seq_len"):
+        from simba_cli.eval.compare import CompareSpec
+
+        CompareSpec(models=["zoo-s"], match_seq_len=1)
+
+
+def test_finetune_checks_the_schedule_and_recall_documents_before_touching_out(model_dir, tmp_path):
+    """An --overwrite of an earlier run keeps that run when the new recipe cannot run on this model."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text("name: earlier\n")
+    (out / "model.safetensors").write_text("earlier weights")
+    data = "data: {source: shakespeare, seq_len: 64, val_tokens: 256"
+    cases = ((f"{data}}}\nprune: {{schedule: linear, final_keep: 0.5, first_layer: 8}}\n", "first_layer 8"),
+             (f"{data}, recall: {{shortest: 8, lead_len: 64}}}}\n", "cannot hold one fact"))
+    for body, words in cases:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("train: {steps: 1}\n" + body)
+        _one_line_error(CliRunner().invoke(app, ["finetune", str(model_dir), "--recipe", str(recipe), "--out",
+                                                 str(out), "--overwrite", "--quiet"]), words)
+        assert (out / "model.safetensors").read_text() == "earlier weights"
+
+
+def test_a_compare_whose_perplexity_text_is_too_short_stops_before_any_evaluation(model_dir, tmp_path, monkeypatch):
+    from simba_cli.eval import harness
+
+    def no_task_may_run(*a, **k):
+        raise AssertionError("a task ran before the perplexity settings were checked")
+
+    monkeypatch.setattr(harness, "run_tasks", no_task_may_run)
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(f"models: ['{model_dir}']\ntasks: [simba_choice]\nlimit: 2\nmatch_flops: false\n"
+                      f"ppl_contexts: [10000000]\n")
+    _one_line_error(CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(tmp_path / "o")]),
+                    "too few for 8 windows of 10000000", "ppl_contexts")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_needs_something_to_evaluate_and_a_possible_number_of_shots(model_dir):
+    _one_line_error(CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", ""]), "nothing to evaluate")
+    for shots, words in (("-1", "0 or more"), ("100000", "few-shot pool")):
+        _one_line_error(CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "simba_choice", "--limit", "2",
+                                                 "--num-fewshot", shots]), words)
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
+    from simba_cli.train.loop import _truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 10, "loss": 3.0}\n\n{"step": 20, "loss": 2.9}\n{"step": 30, "loss": 2.8}\n{"step": 4')
+    _truncate_log(log, 20)
+    assert log.read_text() == '{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.9}\n'
+
+
+def test_datasets_with_their_own_splits_read_test_for_evaluation(tmp_path, monkeypatch):
+    """hf:NAME goes through datasets.load_dataset as for a hub dataset; a local directory of split files is that
+    path offline. A saved DatasetDict too. evaluation reads their test split."""
+    import datasets
+
+    from simba_cli.data.corpus import load_texts
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    files = tmp_path / "files"
+    files.mkdir()
+    splits = {"train": "train", "validation": "validation", "evaluation": "test"}
+    for split in splits.values():
+        (files / f"{split}.jsonl").write_text("".join(f'{{"text": "{split} doc {i}"}}\n' for i in range(3)))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [f"{s} doc {i}" for i in range(3)]})
+                          for s in splits.values()}).save_to_disk(str(saved))
+    for ours, theirs in splits.items():
+        want = [f"{theirs} doc {i}" for i in range(3)]
+        assert load_texts(f"hf:{files}", ours) == want
+        assert load_texts(str(saved), ours) == want
+    (files / "test.jsonl").unlink()
+    with pytest.raises(UserError, match="no 'test' split"):
+        load_texts(f"hf:{files}", "evaluation")

@@ -195,6 +195,7 @@ def test_few_shot_examples_are_the_same_in_every_run(hf_dir):
 def test_eval_checks_device_and_perplexity_settings_before_any_work(hf_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [(["--device", "cuda"], "no CUDA device"), (["--device", "tpu7"], "unknown device"),
+             (["--device", "mps"], "not supported"), (["--device", "meta"], "not supported"),
              (["--batch-size", "0"], "batch_size"),
              (["--ppl-contexts", "32", "--ppl-score-last", "64"], "--ppl-score-last 64")]
     for args, words in cases:

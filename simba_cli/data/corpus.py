@@ -29,6 +29,8 @@ from pathlib import Path
 from simba_cli.errors import UserError
 
 SPLITS = ("train", "validation", "evaluation")
+# A split's name in datasets that bring their own (hub datasets, saved DatasetDicts): evaluation is their test
+DATASET_SPLIT = {"train": "train", "validation": "validation", "evaluation": "test"}
 SHAKESPEARE = "shakespeare"
 # A user's data without splits of its own: this share of it is held out for validation, the same again
 # for evaluation; by whole documents when there are at least _SPLIT_BY_DOCUMENT of them.
@@ -102,9 +104,11 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
     a directory          every .txt and .md file in it, recursively, sorted
     a .jsonl/.json/.parquet file, or a dataset saved with `datasets` (save_to_disk):
                          the `text_field` column
-    hf:NAME[:CONFIG]     a `datasets` hub dataset (its `split` split; needs the hub or its cache)
+    hf:NAME[:CONFIG]     a `datasets` hub dataset (needs the hub or its cache), or a local directory of
+                         data files that `datasets.load_dataset` reads (train.jsonl, test.jsonl, ...)
 
-    A saved DatasetDict and a hub dataset bring their own splits; every other source is split by
+    A saved DatasetDict and a hub dataset bring their own splits (evaluation reads their test split, or an
+    `evaluation` split where a saved one has it); every other source is split by
     `held_out` (5% validation, 5% evaluation), so held-out perplexity is never measured on training text.
     """
     if split not in SPLITS:
@@ -211,7 +215,7 @@ def _data_file(path: Path, text_field: str) -> list[str]:
 
 def _jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # as read_text: a few bad bytes become U+FFFD
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -233,9 +237,11 @@ def _saved_dataset(path: Path, split: str, text_field: str) -> list[str]:
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise UserError(f"{path} has no split {split!r} (it has {list(ds)})")
-        ds = ds[split]
+        name = next((s for s in (split, DATASET_SPLIT[split]) if s in ds), None)
+        if name is None:
+            raise UserError(f"{path} has no {DATASET_SPLIT[split]!r} split (it has {list(ds)}); save the dataset "
+                            f"with one, or as a single Dataset that simba splits itself")
+        ds = ds[name]
     return _column(ds, text_field, str(path))
 
 
@@ -243,9 +249,15 @@ def _hf_dataset(name: str, split: str, text_field: str) -> list[str]:
     import datasets
 
     repo, _, config = name.partition(":")
+    wanted = DATASET_SPLIT[split]
     try:
-        ds = datasets.load_dataset(repo, config or None, split=split)
+        ds = datasets.load_dataset(repo, config or None, split=wanted)
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise UserError(f"cannot load dataset {repo!r} ({str(e).splitlines()[0]})") from e
+        raise UserError(f"dataset {repo!r} has no {wanted!r} split, which {split} reads; give a local file or "
+                        f"directory, which simba splits itself") from e
     except Exception as e:  # the hub is unreachable, or the name is wrong
-        raise UserError(f"cannot load dataset {repo!r} split {split!r} ({type(e).__name__}); "
+        raise UserError(f"cannot load dataset {repo!r} split {wanted!r} ({type(e).__name__}); "
                         f"is it in the local cache? Otherwise give a local file or directory") from e
     return _column(ds, text_field, f"dataset {repo}")

@@ -93,13 +93,18 @@ class CompareSpec:
             check_ppl_args(self.ppl_contexts, self.ppl_score_last, self.ppl_windows)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.match_flops and self.match_seq_len < 2:
+            raise UserError(f"match_seq_len must be at least 2 tokens, got {self.match_seq_len}")
 
     @classmethod
     def from_yaml(cls, path: Path) -> CompareSpec:
         from simba_cli.typed import build
 
         try:
-            body = yaml.safe_load(Path(path).read_text())
+            body = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"compare recipe {path} is not UTF-8 text; give a YAML file (see "
+                            f"recipes/compare.yaml)") from None
         except (OSError, yaml.YAMLError) as e:
             raise UserError(f"cannot read compare recipe {path} ({e})") from e
         if body is None:
@@ -185,9 +190,29 @@ def setup(spec: CompareSpec) -> Plan:
     ppl_spec = dataclasses.replace(spec, final_keeps=[spec.ppl_final_keep], criteria=spec.ppl_criteria,
                                    match_flops=False)
     ppl = {name: settings_for(ppl_spec, name, None) for name in models}
+    if spec.ppl_contexts:
+        check_ppl_text(models, spec)
     from simba_cli.provenance import model_fingerprint
 
     return Plan(spec, models, settings, tasks, leaves, ppl, {name: model_fingerprint(name) for name in models})
+
+
+def check_ppl_text(models: list[str], spec: CompareSpec):
+    """The evaluation text must hold the perplexity windows in every model's tokens: checked before the first
+    evaluation, not after hours of them (models that share a vocabulary are tokenized once)."""
+    from simba_cli.eval.perplexity import check_stream, token_stream
+    from simba_cli.models import hub
+    from simba_cli.models.tokenizer import load_tokenizer
+    from simba_cli.simba.artifact import is_artifact, read_artifact
+
+    checked = set()
+    for name in models:
+        tokenizer = load_tokenizer(hub.resolve(read_artifact(name)[0] if is_artifact(name) else name))
+        vocab = tuple(sorted(tokenizer.get_vocab().items()))
+        if vocab not in checked:
+            check_stream(token_stream(tokenizer), spec.ppl_contexts, spec.ppl_windows,
+                         f"the evaluation text in {name}'s tokens")
+            checked.add(vocab)
 
 
 def prepare_out(out: Path, spec: CompareSpec, overwrite: bool = False, resume: bool = False) -> bool:

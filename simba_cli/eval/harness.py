@@ -171,10 +171,20 @@ def _seed_tasks(loaded: dict, num_fewshot: int | None):
 
 def count_requests(loaded: dict, limit: int | None = None, num_fewshot: int | None = None) -> dict[str, int]:
     """Requests per task (what a progress bar counts), by building them as lm-eval's evaluate will."""
+    import contextlib
+    import io
+
     _seed_tasks(loaded, num_fewshot)
     counts = {}
     for name, task in loaded["tasks"].items():
-        task.build_all_requests(limit=limit)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's tqdm bar over the documents
+                task.build_all_requests(limit=limit)
+        except ValueError as e:  # random.sample: more shots than the task's few-shot pool holds
+            if "sample larger than population" not in str(e).lower():
+                raise
+            raise UserError(f"--num-fewshot {num_fewshot} asks for more examples than {name}'s few-shot pool "
+                            f"holds; use fewer") from None
         counts[name] = len(task.instances)
     return counts
 
@@ -222,6 +232,10 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 document per task, got {limit}; leave it out for all")
+    if not tasks and not ppl_contexts:
+        raise UserError("nothing to evaluate: give --tasks, --ppl-contexts or both")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     if ppl_contexts:
         ppl_contexts = check_ppl_args(ppl_contexts, ppl_score_last, ppl_windows)
     if batch_size < 1:

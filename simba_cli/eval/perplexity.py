@@ -33,7 +33,7 @@ def check_stream(stream: torch.Tensor, contexts: list[int], windows: int, source
     longest = max(contexts)
     if stream.numel() < longest + windows + 1:
         raise UserError(f"{source} has {stream.numel()} held-out tokens, too few for {windows} windows of {longest}; "
-                        f"use shorter --ppl-contexts or more text")
+                        f"use shorter --ppl-contexts (ppl_contexts in a compare recipe) or more text")
 
 
 def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:

@@ -27,6 +27,8 @@ def resolve_device(device: str | torch.device | None, fall_back: bool = False) -
         dev = torch.device("cuda" if name == "gpu" else name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...; the kernels and tests cover these two
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         if fall_back:
             import warnings
@@ -35,6 +37,9 @@ def resolve_device(device: str | torch.device | None, fall_back: bool = False) -
                           stacklevel=3)
             return torch.device("cpu")
         raise UserError(f"device {name} asked for, but this torch has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -66,7 +66,6 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Conf
     path = target / FILENAME
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
-    target.mkdir(parents=True, exist_ok=True)
     body = {
         "simba_artifact": FORMAT_VERSION,
         "base": base if base == "." else _base_reference(base),
@@ -77,6 +76,7 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Conf
         "flops": describe_flops(cfg, config, seq_len),
         "provenance": provenance(**extra),
     }
+    target.mkdir(parents=True, exist_ok=True)  # only now: a setting found wrong above leaves nothing behind
     write_atomic(path, yaml.safe_dump(body, sort_keys=False))
     return path
 
@@ -105,7 +105,9 @@ def prune_model(model: str, out: str | Path, config: PruneConfig, seq_len: int =
     import torch
 
     from simba_cli.models.loading import load_model
+    from simba_cli.outdir import check_out
 
+    check_out(Path(out), FILENAME, "prune", overwrite=overwrite, resumable=False)  # no writing among others' files
     if is_artifact(model):  # re-pruning an artifact prunes its base
         model, _, _ = read_artifact(model)
     loaded = load_model(model, device="cpu", dtype=torch.float32, with_tokenizer=False)

@@ -232,6 +232,10 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
     if artifact_prune is not None and recipe.prune is None:
         recipe.prune = dataclasses.replace(artifact_prune, mode="exit")  # the loss on every position
+    if recipe.prune is not None:  # the schedule against this model's layers, before --out is touched
+        from simba_cli.simba.settings import check_seq_len
+
+        check_seq_len(recipe.prune, model.cfg.n_layer, recipe.data.seq_len)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
     val_windows = eval_windows(tokenize_documents(tokenizer, val_docs), recipe.data.seq_len, recipe.data.val_tokens)
@@ -244,9 +248,17 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
         mix, k = recipe.data.recall, max(recipe.data.recall.pairs)
         whole = RecallSampler(tokenizer, val_stream, recipe.data.seq_len + 1, mix)
         short = RecallSampler(tokenizer, val_stream, min(recipe.data.seq_len + 1, 4 * mix.shortest), mix)
-        val_recall = {"passkey": whole.fixed("passkey", 32, seed=1), "mqar": whole.fixed("mqar", 32, seed=2, pairs=k),
-                      "passkey_short": short.fixed("passkey", 32, seed=3),
-                      "mqar_short": short.fixed("mqar", 32, seed=4, pairs=min(k, 4))}
+        # training builds documents of `shortest` tokens: one that cannot hold a fact fails here, not mid-run
+        shortest = RecallSampler(tokenizer, val_stream, min(recipe.data.seq_len + 1, mix.shortest), mix)
+        try:
+            val_recall = {"passkey": whole.fixed("passkey", 32, seed=1),
+                          "mqar": whole.fixed("mqar", 32, seed=2, pairs=k),
+                          "passkey_short": short.fixed("passkey", 32, seed=3),
+                          "mqar_short": short.fixed("mqar", 32, seed=4, pairs=min(k, 4))}
+            shortest.fixed("passkey", 1, seed=0), shortest.fixed("mqar", 1, seed=0, pairs=1)
+        except ValueError:
+            raise UserError(f"recall documents of {shortest.length} tokens cannot hold one fact and its question; "
+                            f"raise data.recall.shortest (and data.seq_len)") from None
     resuming = resumable and (out / ckpt.CHECKPOINT).is_file()
     if resuming and load_recipe(out / "recipe.yaml").to_dict() != recipe.to_dict():
         raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
@@ -414,11 +426,19 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
 
 
 def _truncate_log(path: Path, step: int):
-    """Drop the records written after the checkpoint a run resumes from: they are about to be redone."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_atomic(path, "".join(kept))
+    """Drop the records written after the checkpoint a run resumes from: they are about to be redone. A line
+    cut short by a kill (the log is appended as training goes) is one of them."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
 
 
 def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):

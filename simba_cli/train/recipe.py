@@ -157,6 +157,8 @@ class Recipe:
             (0 <= self.optim.min_lr <= self.optim.lr, "optim.min_lr must be in [0, optim.lr]"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.data.val_tokens >= 1, "data.val_tokens must be at least 1"),
             (all(0 <= b < 1 for b in self.optim.betas), "optim.betas must be in [0, 1)"),
             (0 <= self.train.dropout < 1, "train.dropout must be in [0, 1)"),
             (self.train.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16"),
@@ -174,6 +176,7 @@ class Recipe:
                 (mix.answer_loss >= 0, "data.recall.answer_loss must be >= 0"),
                 (min(mix.lead_steps, mix.curriculum_from, mix.curriculum_steps) >= 0,
                  "data.recall.lead_steps, .curriculum_from and .curriculum_steps must be >= 0"),
+                (mix.shortest >= 1, "data.recall.shortest must be at least 1"),
                 (mix.lead_len >= mix.shortest, "data.recall.lead_len must be at least data.recall.shortest"),
             ]
         for ok, message in checks:
@@ -204,7 +207,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; see recipes/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text; give a YAML file (see recipes/)") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not raw:
