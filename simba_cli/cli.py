@@ -323,8 +323,8 @@ def compare_cmd(
         keep = ("subject", "setting", "task", "vs", "diff", "stderr", "beyond_2se")
         print_table([{"model": Path(p["model"]).name} | {k: p[k] for k in keep} for p in summary["paired"]
                      if p["vs"] != "dense"], title="subject minus baseline, paired (positive: the subject better)")
-        print_table(summary["pooled"], title="pooled over models, keeps and tasks (Stouffer z; positive: the subject "
-                                             "better)")
+        print_table(summary["pooled"], title="pooled over models, keeps and tasks (positive: the subject better; "
+                                             "z_documents pools per document, z_comparisons overstates)")
     if summary["perplexity"]:
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s; its evaluations, summed "

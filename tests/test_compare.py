@@ -3,13 +3,15 @@
 import json
 import math
 from pathlib import Path
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from simba_cli.cli import app
-from simba_cli.eval.compare import CompareSpec, at_equal_flops
-from simba_cli.eval.stats import paired, pooled_z
+from simba_cli.eval.compare import CompareSpec, at_equal_flops, document_set
+from simba_cli.eval.stats import pair_row, paired, pooled_z
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,13 +28,41 @@ def test_the_criterion_ablation_recipe_is_valid_and_pairs_against_simba():
     assert spec.criteria[0] == "simba" and set(spec.criteria) == set(CRITERIA) == set(spec.ppl_criteria)
 
 
-def test_pooled_z_is_stouffers_over_every_comparison_with_a_baseline():
-    pairs = [{"vs": "recent", "diff": 0.2, "stderr": 0.1}, {"vs": "recent", "diff": -0.1, "stderr": 0.1},
-             {"vs": "recent", "diff": 0.0, "stderr": 0.0}, {"vs": "dense", "diff": -3.0, "stderr": 1.0}]
+def test_pooled_z_over_comparisons_is_stouffers():
+    pairs = [{"vs": "recent", "z": 2.0}, {"vs": "recent", "z": -1.0}, {"vs": "recent", "z": 0.0},
+             {"vs": "dense", "z": -3.0}]
     recent, dense = pooled_z(pairs)
-    assert recent == {"vs": "recent", "comparisons": 3, "z": pytest.approx((2 - 1 + 0) / math.sqrt(3)),
+    assert recent == {"vs": "recent", "comparisons": 3, "z_comparisons": pytest.approx((2 - 1 + 0) / math.sqrt(3)),
                       "better": 1, "worse": 1}
-    assert dense["z"] == pytest.approx(-3.0) and dense["worse"] == 1
+    assert dense["z_comparisons"] == pytest.approx(-3.0) and dense["worse"] == 1
+
+
+def test_pooled_z_over_documents_counts_shared_documents_once():
+    """Three comparisons on the same 40 documents with the same differences are one piece of evidence: Stouffer's
+    over comparisons gives sqrt(3) times their z, the document-level z gives their z. A second task, on other
+    documents, adds to it as Stouffer's over independent sets."""
+    rng = np.random.default_rng(0)
+    d = list(rng.normal(0.1, 1.0, 40))
+    e = list(rng.normal(-0.05, 1.0, 30))
+    one = pair_row(*paired(d, [0.0] * 40), 40, vs="recent", task="t")
+    other = pair_row(*paired(e, [0.0] * 30), 30, vs="recent", task="u")
+    pairs = [dict(one, task="t"), dict(one, task="t_exact"), dict(one, task="t"), other]
+    (row,) = pooled_z(pairs, [d, d, d, e], document_set)
+    assert row["z_comparisons"] == pytest.approx((3 * one["z"] + other["z"]) / 2)
+    assert row["document_sets"] == 2
+    assert row["z_documents"] == pytest.approx((one["z"] + other["z"]) / math.sqrt(2))
+    (ppl,) = pooled_z([dict(one, task="ppl@128"), dict(one, task="ppl@1024")], [d, d], document_set)
+    assert ppl["document_sets"] == 1 and ppl["z_documents"] == pytest.approx(one["z"])
+
+
+def test_a_difference_the_same_on_every_document_is_not_z_0():
+    """Every one of 24 documents one way (se 0) is the strongest paired evidence there is: the exact sign test's z
+    (one-sided p = 2^-24, z about 5.3), marked; no difference at all stays 0."""
+    row = pair_row(*paired([1.0] * 24, [0.0] * 24), 24)
+    assert row["stderr"] == 0 and row["z"] == pytest.approx(-NormalDist().inv_cdf(0.5 ** 24))
+    assert row["z"] > 5 and row["beyond_2se"] == "better"
+    assert pair_row(*paired([0.0] * 24, [1.0] * 24), 24)["beyond_2se"] == "worse"
+    assert pair_row(*paired([1.0] * 24, [1.0] * 24), 24)["z"] == 0.0
 
 
 def test_difference_to_dense_is_read_off_the_dense_curve_in_log_flops():
@@ -56,6 +86,7 @@ def test_perplexity_is_interpolated_in_log_space():
     at_equal_flops(rows)
     assert rows[2]["dense_at_flops"] == pytest.approx(50.0)  # geometric mean of 100 and 25
     assert rows[2]["dense_curve"] == "monotone"  # perplexity falls with FLOPs: the curve is right
+    assert rows[2]["vs_dense"] == pytest.approx(10.0)  # 40 against the curve's 50: better, so positive
 
 
 def test_a_dense_curve_that_is_not_monotone_in_flops_is_flagged():

@@ -340,8 +340,12 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
     ppl_rows = [r.row for r in ppl_results]
     at_equal_flops(rows)
     subjects = spec.subjects or [spec.criteria[0]]
-    pairs = [p for s in subjects for p in paired_rows(results, s) + paired_rows(ppl_results, s)]
-    pooled = pooled_z(pairs)
+    pairs, diffs = [], []
+    for s in subjects:
+        for rows_, diffs_ in (paired_rows(results, s), paired_rows(ppl_results, s)):
+            pairs += rows_
+            diffs += diffs_
+    pooled = pooled_z(pairs, diffs, document_set)
     subject = " / ".join(subjects)
     write_tables(rows, out / "compare", notes=COMPARE_NOTES)
     if ppl_rows:
@@ -404,12 +408,13 @@ def run_compare(spec: CompareSpec, out: Path, overwrite: bool = False, resume: b
 COMPARE_NOTES = """\
 One row per model, setting and task. `setting`: dense, or `<criterion> <final_keep>` (linear schedule unless
 named); `@<model>`: pruned to the measured FLOPs of that smaller dense model. `metric` names the column the
-task is read by (higher is better; `loglik_per_token`: mean log-likelihood per target token, nats).
+task is read by (higher is better, but perplexities; `loglik_per_token`: mean log-likelihood per target token,
+nats).
 `flops_per_doc` and `mean_keep` are measured from the forwards that ran. `dense_at_flops`: the dense models'
-curve, interpolated in log FLOPs, at this row's FLOPs; `vs_dense`: the row's metric minus it (positive:
-better than a dense model of the same cost). "-": outside the dense curve (no extrapolation) or not
-measured. `dense_curve`: "not monotone" where a larger dense model scored worse than a smaller one, which
-makes the interpolation a guide at best.
+curve, interpolated in log FLOPs, at this row's FLOPs; `vs_dense`: the row's metric minus it, or it minus the
+row's for a perplexity (positive: better than a dense model of the same cost). "-": outside the dense curve (no
+extrapolation) or not measured. `dense_curve`: "not monotone" where a larger dense model scored worse than a
+smaller one, which makes the interpolation a guide at best.
 """
 
 BREAKDOWN_NOTES = """\
@@ -425,13 +430,20 @@ context length; `flops_per_window` and `mean_keep` measured.
 
 PAIRED_NOTES = """\
 `diff`: `subject` ({subject}) minus `vs` over the same documents (or perplexity windows), in the units of `per_doc`
-(acc, acc_norm: 0/1 per document; loglik/token: nats per token); positive means the subject is better.
-`stderr`: the standard error of the paired mean; `z` = diff / stderr; `beyond_2se` marks |z| > 2.
+(acc, acc_norm: 0/1 per document; loglik/token: nats per token; loglik/document: a perplexity task's summed
+log-likelihood of the document, nats); positive means the subject is better.
+`stderr`: the standard error of the paired mean; `z` = diff / stderr (where every document differs by the same
+nonzero amount, the exact sign test's z); `beyond_2se` marks |z| > 2. `truncate` stands beside the first
+criterion's settings, so only that subject is paired with it.
 """
 
 POOLED_NOTES = """\
-Stouffer's z over every paired comparison of `subject` ({subject}) with `vs` (each diff over its stderr,
-summed, over sqrt(n)); positive means the subject is better; `better` / `worse`: how many comparisons point each way.
+Every paired comparison of `subject` ({subject}) with `vs` (every model, keep and task) pooled; positive means
+the subject is better. `z_documents`: within each set of documents (a task; the perplexity windows of every
+context), each comparison's difference averaged per document and its paired z over the documents, then Stouffer's
+over the `document_sets`, which share no documents: the figure to read. `z_comparisons`: Stouffer's over the
+comparisons as if independent; they share documents (keeps, models, contexts), so it overstates |z|.
+`better` / `worse`: how many comparisons point each way.
 """
 
 
@@ -519,15 +531,21 @@ def at_equal_flops(rows: list[dict]) -> None:
             v = float(np.interp(lx, x, y))
             v = math.exp(v) if lower else v
             r["dense_at_flops"] = v
-            r["vs_dense"] = r[metric] - v
+            r["vs_dense"] = v - r[metric] if lower else r[metric] - v  # positive: better than dense, either way
 
 
-def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
+def document_set(task: str) -> str:
+    """Which documents a task's scores come from: the perplexity contexts score the same windows, and a task and
+    its `_exact` variant read the same documents."""
+    return "perplexity windows" if task.startswith("ppl@") else task.removesuffix("_exact")
+
+
+def paired_rows(results: list[Result], subject: str = "simba") -> tuple[list[dict], list[list[float]]]:
     """`subject` (the first criterion of the recipe) minus every other criterion at the same model, task
     and schedule (the same PruneConfig but for the criterion), and minus dense: the mean difference per
-    document (or window) with its standard error."""
+    document (or window) with its standard error; and each row's per-document differences."""
     by_key = {(r.model, r.task, r.setting.config.key()): r for r in results}
-    out = []
+    out, diffs = [], []
     for r in results:
         config = r.setting.config
         if config.dense or config.criterion != subject:
@@ -542,9 +560,11 @@ def paired_rows(results: list[Result], subject: str = "simba") -> list[dict]:
                 continue
             mean, se = paired(r.per_doc, other.per_doc)
             metric = r.row.get("metric")
-            unit = "loglik/token" if r.task.startswith("ppl@") or metric == "loglik_per_token" else metric
+            unit = "loglik/token" if r.task.startswith("ppl@") or metric == "loglik_per_token" else \
+                "loglik/document" if metric in LOWER_IS_BETTER else metric  # a rolling task's sample: (loglik, n)
             oc = other.setting.config
             vs = "dense" if oc.dense else "truncate" if oc.schedule == "truncate" else oc.criterion
-            out.append(pair_row(mean, se, subject=subject, model=r.model, setting=r.setting.label, task=r.task,
-                                per_doc=unit, vs=vs, docs=len(r.per_doc)))
-    return out
+            out.append(pair_row(mean, se, len(r.per_doc), subject=subject, model=r.model, setting=r.setting.label,
+                                task=r.task, per_doc=unit, vs=vs))
+            diffs.append([a - b for a, b in zip(r.per_doc, other.per_doc)])
+    return out, diffs
