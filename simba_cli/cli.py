@@ -167,9 +167,10 @@ def flops_report_cmd(
 
         check_out(out, "report.json", "flops-report", overwrite=overwrite, resumable=False)
     requested = _prune_config(schedule, final_keep, first_layer, stages, criterion)
-    rows, layers = [], []
+    rows, layers, prune_of = [], [], {}
     for name in models or list(OFFICIAL):
         cfg, artifact = model_config(name)
+        prune_of[name] = (artifact or requested).to_dict()  # an artifact's own settings, not the options'
         for config in (DENSE, artifact or requested):
             rows.append(summary_row(name, cfg, config, seq_len, head))
             if per_layer and config is not DENSE:
@@ -184,7 +185,7 @@ def flops_report_cmd(
         from simba_cli.outdir import atomic_directory
         from simba_cli.provenance import provenance
 
-        settings = {"models": models or list(OFFICIAL), "prune": requested.to_dict(), "seq_len": seq_len,
+        settings = {"models": models or list(OFFICIAL), "prune": prune_of, "seq_len": seq_len,
                     "head": head, "counted": "analytic, from the schedule (no weights read)"}
         with atomic_directory(out) as tmp:  # appears whole, or replaces an earlier report whole
             write_tables(rows, tmp / "flops")

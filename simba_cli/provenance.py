@@ -44,7 +44,8 @@ def model_fingerprint(name: str) -> str:
     """A short fingerprint of a model's files, so that results computed from other weights under the same name
     (a retrained zoo model, an updated directory) are never reused: for a zoo name or a local directory, a
     hash of every file's name, size and first and last MiB (cheap on multi-GB checkpoints); for a hub id,
-    the id itself (its revision is what the hub cache holds)."""
+    the id itself (its revision is what the hub cache holds). A pruned artifact's fingerprint includes its base
+    model's (the artifact directory may hold only simba.yaml)."""
     import hashlib
 
     from simba_cli.models import zoo
@@ -61,4 +62,8 @@ def model_fingerprint(name: str) -> str:
             if size > 2 << 20:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read())
+    from simba_cli.simba.artifact import is_artifact, read_artifact
+
+    if is_artifact(str(directory)) and (base := read_artifact(directory)[0]) != str(directory):
+        h.update(model_fingerprint(base).encode())
     return h.hexdigest()[:16]

@@ -46,6 +46,10 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
 
     loaded, config = load_any(str(out), with_tokenizer=False)
     assert config.final_keep == 0.25 and loaded.model.cfg.n_layer == 4
+    # flops-report on the artifact computes and records the artifact's own settings, not the options'
+    assert run("flops-report", out, "--final-keep", "0.5", "--out", tmp_path / "report").exit_code == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["prune"][str(out)]["final_keep"] == 0.25
     # never overwritten without being asked
     one_line_error(run("prune", model_dir, "--out", out), "--overwrite")
     assert run("prune", model_dir, "--out", out, "--overwrite", "--final-keep", 0.5).exit_code == 0
@@ -54,6 +58,21 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
     body = yaml.safe_load((out / "simba.yaml").read_text())
     want = analytic(model_config(str(model_dir))[0], 64, PruneConfig().keep_ratios(4), "simba", head_positions=1)
     assert body["flops"]["pruned"] == want.total and body["flops"]["logits_at"] == "last"
+
+
+def test_an_artifacts_fingerprint_follows_its_base_model(model_dir, tmp_path):
+    """compare reuses finished parts by fingerprint: an artifact whose base was retrained must not match."""
+    import shutil
+
+    from simba_cli.provenance import model_fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    assert run("prune", base, "--out", tmp_path / "art").exit_code == 0
+    before = model_fingerprint(str(tmp_path / "art"))
+    weights = next(base.glob("*.bin"))  # mamba_ssm format: pytorch_model.bin
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert model_fingerprint(str(tmp_path / "art")) != before
 
 
 @pytest.mark.parametrize("args, words", [
@@ -116,6 +135,7 @@ def test_flops_report_per_layer_and_files(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["seq_len"] == 100 and report["provenance"]["versions"]["torch"]
     assert report["layers"] == layers
+    assert report["settings"]["prune"]["mamba-130m"]["final_keep"] == 0.1
     one_line_error(run("flops-report", "mamba-130m", "--out", tmp_path), "--overwrite")
     assert run("flops-report", "mamba-130m", "--out", tmp_path, "--overwrite").exit_code == 0
     # --format json prints one document, per-layer rows included

@@ -476,3 +476,12 @@ def test_datasets_with_their_own_splits_read_test_for_evaluation(tmp_path, monke
     (files / "test.jsonl").unlink()
     with pytest.raises(UserError, match="no 'test' split"):
         load_texts(f"hf:{files}", "evaluation")
+
+
+def test_eval_measured_counts_the_perplexity_forwards(model_dir):
+    from simba_cli.eval.harness import evaluate_model
+
+    r = evaluate_model(str(model_dir), [], ppl_contexts=[48, 64], ppl_score_last=16, ppl_windows=3, batch_size=2,
+                       prune={"schedule": "linear", "final_keep": 0.5})
+    assert r["measured"]["forwards"] == 4  # two batches of windows at each of two contexts
+    assert r["measured"]["flops"] == sum(row["flops"] for row in r["perplexity"])

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from simba_cli.cli import app
 from simba_cli.errors import Interrupted, UserError
 from simba_cli.models.checkpoint import load_checkpoint
+from simba_cli.simba.settings import PruneConfig
 from simba_cli.train import loop
 from simba_cli.train.recipe import recipe_from_dict
 
@@ -76,6 +77,14 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    whole, split = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "split"))
+    assert split["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5)
+    run_record = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert len(run_record["resumes"]) == 1 and run_record["resumes"][0]["git_commit"] == run_record["git_commit"]
+    # a resume from the final checkpoint (a kill during the export) keeps the last loss, not NaN
+    loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", resume=True, progress=False)
+    again = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert again["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5)
 
 
 def test_a_run_interrupted_before_its_first_checkpoint_can_be_resumed(data_file, tmp_path, monkeypatch):
@@ -150,6 +159,7 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     assert metrics["pruned"] and math.isfinite(metrics["val_ppl"])
     assert metrics["keep_ratios"][-1] == pytest.approx(0.5, abs=0.04)  # 2 layers, linear to 0.5, 32 tokens
     assert metrics["pruned_flops_per_token"] < metrics["flops_per_token"]
+    assert {"simba.yaml", "train_log.jsonl", "metrics.json"} <= {f.name for f in (tmp_path / "ft" / "model").iterdir()}
     loaded, config = load_any(str(tmp_path / "ft" / "model"))
     assert config is not None and config.final_keep == 0.5  # the fine-tuned model remembers its pruning
     assert yaml.safe_load((tmp_path / "ft" / "model" / "simba.yaml").read_text())["base"] == "."
@@ -157,6 +167,18 @@ def test_finetune_with_pruning_from_an_artifact(data_file, tmp_path):
     again = tiny_recipe(data_file, steps=3)
     again.model = None
     assert loop.finetune(again, tmp_path / "ft", init_from=str(tmp_path / "p"), resume=True, progress=False)["pruned"]
+
+
+def test_a_pruned_finetune_reports_the_keep_ratios_its_forward_measured(data_file, tmp_path):
+    """protect mode with more protected positions than the schedule's last budget: the forward keeps every
+    protected token, and metrics.json says so (not the schedule's ratio)."""
+    recipe = tiny_recipe(data_file, steps=2)
+    recipe.prune = PruneConfig("linear", 0.1, mode="protect")
+    recipe.train.protect_last = 16
+    metrics = loop.finetune(recipe, tmp_path / "p", progress=False)
+    seq = recipe.data.seq_len
+    assert recipe.prune.keep_ratios(2)[-1] * seq < 16  # the schedule alone would keep fewer
+    assert metrics["keep_ratios"][-1] == pytest.approx(16 / seq)
 
 
 @pytest.mark.parametrize("change, words", [

@@ -271,8 +271,8 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
             bar.describe("perplexity")
             results["perplexity"] = long_context_perplexity(runner.model, stream, config, ppl_contexts,
                                                             ppl_score_last, ppl_windows, batch_size, runner.device,
-                                                            on_window=bar.advance_by, dist=dd)
-    results["measured"] = runner.measured()
+                                                            on_window=bar.advance_by, dist=dd, on_flops=runner.count)
+    results["measured"] = runner.measured()  # every forward: the tasks' and the perplexity windows'
     results["provenance"] = provenance(seed=config.seed, device=str(runner.device), world_size=dd.world)
     return results
 

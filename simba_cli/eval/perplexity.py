@@ -51,14 +51,15 @@ def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
 @torch.no_grad()
 def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, contexts=(128, 256, 512, 1024),
                             score_last: int = 64, windows: int = 32, batch_size: int = 8,
-                            device="cpu", on_window=None, dist=None) -> list[dict]:
+                            device="cpu", on_window=None, dist=None, on_flops=None) -> list[dict]:
     """One row per context length: perplexity of the scored tokens, measured FLOPs and keep ratios, each
     window's mean NLL per scored token (`window_nll`, in window order), and `recent_overlap`: of the tokens
     entering the last layer, the share that are the most recent ones (what `recent` would keep with the same
     budget; 1 for dense, truncate and recent), averaged over windows.
 
     dist (a `distributed.Dist`): under torchrun, each process runs its share of the batches of windows and
-    every process gets the rows of the whole run (the same as one process's)."""
+    every process gets the rows of the whole run (the same as one process's). on_flops(flops, forwards): told
+    what each context's forwards ran (a runner's `count`)."""
     from simba_cli.distributed import Dist
 
     dist = dist or Dist()
@@ -93,6 +94,8 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
             count += len(batch) * score_last
             if on_window is not None:
                 on_window(len(batch))
+        if on_flops is not None:
+            on_flops(flops, len(batches))
         rows.append({"context": L, "ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count,
                      "flops": flops.total, "flops_per_window": flops.total / len(ends),
                      "mean_keep": flops.mean_keep, "recent_overlap": sum(overlaps) / len(overlaps),

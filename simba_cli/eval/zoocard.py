@@ -106,7 +106,7 @@ def publish(run: str | Path, name: str | None = None) -> dict:
 
     from simba_cli.errors import UserError
     from simba_cli.models.zoo import ZOO_DIR
-    from simba_cli.outdir import atomic_directory, write_atomic
+    from simba_cli.outdir import atomic_directory
 
     run = Path(run)
     if not (run / "metrics.json").is_file():
@@ -121,9 +121,9 @@ def publish(run: str | Path, name: str | None = None) -> dict:
         weights = load_file(str(run / "model" / "model.safetensors"))
         save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-    card = measure(target)
-    metrics = json.loads((target / "metrics.json").read_text())
-    write_atomic(target / "metrics.json", json.dumps({**metrics, **card, "weights": "bfloat16"}, indent=2) + "\n")
+        card = measure(tmp)  # before the model appears in the zoo: it appears with its card or not at all
+        metrics = json.loads((tmp / "metrics.json").read_text())
+        (tmp / "metrics.json").write_text(json.dumps({**metrics, **card, "weights": "bfloat16"}, indent=2) + "\n")
     return card
 
 

@@ -66,6 +66,14 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Conf
     path = target / FILENAME
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    text = artifact_text(base, config, cfg, seq_len, **extra)
+    target.mkdir(parents=True, exist_ok=True)  # only now: a setting found wrong above leaves nothing behind
+    write_atomic(path, text)
+    return path
+
+
+def artifact_text(base: str, config: PruneConfig, cfg: Config, seq_len: int = 2048, **extra) -> str:
+    """The YAML of simba.yaml: the base, the prune settings, the model, the keep ratios and FLOPs, provenance."""
     body = {
         "simba_artifact": FORMAT_VERSION,
         "base": base if base == "." else _base_reference(base),
@@ -76,9 +84,7 @@ def write_artifact(target: str | Path, base: str, config: PruneConfig, cfg: Conf
         "flops": describe_flops(cfg, config, seq_len),
         "provenance": provenance(**extra),
     }
-    target.mkdir(parents=True, exist_ok=True)  # only now: a setting found wrong above leaves nothing behind
-    write_atomic(path, yaml.safe_dump(body, sort_keys=False))
-    return path
+    return yaml.safe_dump(body, sort_keys=False)
 
 
 def read_artifact(directory: str | Path) -> tuple[str, PruneConfig, dict]:

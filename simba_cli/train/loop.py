@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from simba_cli.models.mamba import BlockLM, MambaLM
 from simba_cli.models.mamba2 import Mamba2Config, Mamba2LM
 from simba_cli.outdir import write_atomic
 from simba_cli.provenance import provenance
-from simba_cli.simba.flops import analytic, dense_flops_per_token
+from simba_cli.simba.flops import dense_flops_per_token
 from simba_cli.train import checkpoint as ckpt
 from simba_cli.train.recipe import ModelSpec, Recipe, load_recipe
 
@@ -81,15 +80,19 @@ class LossFn:
             return self._split_ce(logits, targets, answers, parts), targets.numel()
         from simba_cli.simba.pruned import pruned_forward
 
-        protected = None
-        if self.prune.mode == "protect":
-            protected = torch.zeros_like(inputs, dtype=torch.bool)
-            protected[:, -self.protect_last:] = True
-        out = pruned_forward(model, inputs, self.prune, protected=protected)
+        out = pruned_forward(model, inputs, self.prune, protected=self.protected(inputs))
         # out.logits (b, P, V) at out.positions (b, P)
         tgt = torch.gather(targets, 1, out.positions)
         picked = None if answers is None else torch.gather(answers, 1, out.positions)
         return self._split_ce(out.logits, tgt, picked, parts), tgt.numel()
+
+    def protected(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """In protect mode, the last protect_last positions of each row: the loss is on them, none is pruned."""
+        if self.prune.mode != "protect":
+            return None
+        protected = torch.zeros_like(inputs, dtype=torch.bool)
+        protected[:, -self.protect_last:] = True
+        return protected
 
     def _split_ce(self, logits: torch.Tensor, targets: torch.Tensor, answers: torch.Tensor | None,
                   parts: tuple[float, float]) -> torch.Tensor:
@@ -268,12 +271,16 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
 
 def prepare_out(run: Run):
     """A new run: --out emptied (an --overwrite, or a --resume before the first checkpoint) and the recipe and
-    provenance written. A resumed run: the log cut back to its checkpoint."""
+    provenance written. A resumed run: its provenance added to run.json's `resumes`."""
     from simba_cli.outdir import replace
 
     if not run.dd.main:
         return
-    if run.resuming:
+    if run.resuming:  # the run record keeps the first session's provenance and lists every resumption's
+        record = run.out / "run.json"
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        info.setdefault("resumes", []).append(provenance(device=str(run.device), world_size=run.dd.world))
+        write_atomic(record, json.dumps(info, indent=2) + "\n")
         return
     replace(run.out)
     recipe, model = run.recipe, run.model
@@ -305,7 +312,8 @@ def train(run: Run, progress: bool = True) -> TrainState:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        at = TrainState(state["step"], state["elapsed"], state["tokens_seen"], checkpoint_step=state["step"])
+        at = TrainState(state["step"], state["elapsed"], state["tokens_seen"], state.get("loss", float("nan")),
+                        checkpoint_step=state["step"])
         if dd.main:
             _truncate_log(out / "train_log.jsonl", at.step)
     objective = Objective(model, run.loss_fn)
@@ -325,7 +333,8 @@ def train(run: Run, progress: bool = True) -> TrainState:
             ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            "step": at.step, "elapsed": at.elapsed, "tokens_seen": at.tokens_seen})
+                            "step": at.step, "elapsed": at.elapsed, "tokens_seen": at.tokens_seen,
+                            "loss": at.loss})
         at.checkpoint_step = at.step
 
     from simba_cli.report.progress import Bar
@@ -398,12 +407,14 @@ def finish(run: Run, at: TrainState) -> dict:
             "val_seq_len": recipe.data.seq_len, "pruned": recipe.prune is not None,
             **held_out_recall(model, run.val_recall, run.device),
         }
-        if recipe.prune is not None:  # what a training (and held-out) forward of seq_len tokens costs, pruned
-            seq = recipe.data.seq_len
-            heads = seq if recipe.prune.mode == "exit" else min(seq, recipe.train.protect_last)
-            count = analytic(model.cfg, seq, recipe.prune.keep_ratios(model.cfg.n_layer), recipe.prune.criterion,
-                             head_positions=heads)
-            metrics.update(pruned_flops_per_token=count.total / seq, keep_ratios=count.keep_ratios)
+        if recipe.prune is not None:  # measured: a held-out window through the pruned forward, as training runs it
+            from simba_cli.simba.pruned import pruned_forward
+
+            window = run.val_windows[:1, :-1].to(run.device)
+            model.eval()
+            with torch.no_grad():
+                count = pruned_forward(model, window, recipe.prune, protected=run.loss_fn.protected(window)).flops
+            metrics.update(pruned_flops_per_token=count.total / window.shape[1], keep_ratios=count.keep_ratios)
         _export(model, run.tokenizer, recipe, out, metrics)
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         from simba_cli.report.plots import plot_training
@@ -442,13 +453,13 @@ def _truncate_log(path: Path, step: int):
 
 
 def _export(model, tokenizer, recipe: Recipe, out: Path, metrics: dict):
+    """out/model: the weights, tokenizer, recipe, metrics, training log and (pruned) simba.yaml, all written into
+    a temporary directory that becomes out/model when complete."""
     extra = {"recipe.yaml": recipe.to_yaml(), "metrics.json": json.dumps(metrics, indent=2) + "\n"}
-    target = out / "model"
-    save_checkpoint(model, target, fmt="hf", tokenizer=tokenizer, extra_files=extra, overwrite=True)
     if (out / "train_log.jsonl").is_file():
-        shutil.copy(out / "train_log.jsonl", target / "train_log.jsonl")
+        extra["train_log.jsonl"] = (out / "train_log.jsonl").read_text()
     if recipe.prune is not None:
-        from simba_cli.simba.artifact import write_artifact
+        from simba_cli.simba.artifact import FILENAME, artifact_text
 
-        write_artifact(target, ".", recipe.prune, model.cfg, recipe.data.seq_len, overwrite=True,
-                       seed=recipe.train.seed)
+        extra[FILENAME] = artifact_text(".", recipe.prune, model.cfg, recipe.data.seq_len, seed=recipe.train.seed)
+    save_checkpoint(model, out / "model", fmt="hf", tokenizer=tokenizer, extra_files=extra, overwrite=True)
