@@ -108,6 +108,37 @@ def test_generate_until_equals_lm_evals_hf_model_and_runs_pruned(hf_dir):
     pruned = small.generate_until(reqs)
     assert isinstance(pruned[0], str)
     assert 0 < small.measured()["flops"] < by_hand and small.measured()["mean_keep"] < 1
+    # a stop string met on the way: the same text as `hf`, and decoding stopped there (fewer FLOPs)
+    text = ours[0]
+    assert len(text) >= 2, text  # six tokens of a random model: some text to stop in
+    stop = text[len(text) // 2]
+    kwargs = {"max_new_tokens": 6, "until": [stop]}  # lm-eval's other name for max_gen_toks
+    reqs = [Instance("generate_until", {}, (TEXT[0][:80], kwargs), 0)]
+    early = SimbaLM(pretrained=str(hf_dir), device="cpu")
+    assert early.generate_until(reqs) == HFLM(pretrained=str(hf_dir), device="cpu").generate_until(reqs)
+    assert early.measured()["flops"] < by_hand
+
+
+def test_generation_arguments_are_read_as_lm_eval_reads_them(hf_dir, monkeypatch):
+    """A temperature without do_sample samples (lm-eval's normalize_gen_kwargs); top_p, top_k and the other names
+    of max_gen_toks reach the decoder."""
+    from lm_eval.api.instance import Instance
+
+    from simba_cli.eval.lm import SimbaLM
+
+    lm = SimbaLM(pretrained=str(hf_dir), device="cpu")
+    asked = {}
+
+    def record(ids, max_new, temperature, top_p, top_k=0, stop=None):
+        asked.update(max_new=max_new, temperature=temperature, top_p=top_p, top_k=top_k)
+        return []
+
+    monkeypatch.setattr(lm.runner, "generate_ids", record)
+    kwargs = {"temperature": 0.7, "max_new_tokens": 3, "top_p": 0.9, "top_k": 5, "until": ["\n"]}
+    lm.generate_until([Instance("generate_until", {}, ("To be", kwargs), 0)])
+    assert asked == {"max_new": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 5}
+    lm.generate_until([Instance("generate_until", {}, ("To be", {"temperature": 0.7, "do_sample": False}), 0)])
+    assert asked["temperature"] == 0.0 and asked["max_new"] == 256
 
 
 def test_offline_lm_eval_run_and_results_schema(hf_dir, tmp_path):

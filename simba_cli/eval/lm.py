@@ -128,8 +128,8 @@ class SimbaLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
-    def tok_decode(self, tokens) -> str:
-        return self.tokenizer.decode(tokens)
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # --- scoring ----------------------------------------------------------------------------------------
     def _run_batches(self, requests: list, mode: str) -> list[tuple[float, bool]]:
@@ -201,18 +201,27 @@ class SimbaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import normalize_gen_kwargs
+
         def generate(req) -> str:
             context, kwargs = req.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", 256))
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            # lm-eval's reading of the generation arguments, as its `hf` model: max_new_tokens and the other
+            # names of max_gen_toks, sampling on when a temperature is given without do_sample
+            kwargs = normalize_gen_kwargs(dict(kwargs or {}), 256)
+            until = [u for u in kwargs["until"] if u] or [self.tok_decode([self.eot_token_id], False)]
+            max_new = int(kwargs["max_gen_toks"])
+            sample = bool(kwargs.get("do_sample"))
+            temperature = float(kwargs.get("temperature") or 0.0) if sample else 0.0
+            top_p, top_k = float(kwargs.get("top_p") or 1.0), int(kwargs.get("top_k") or 0)
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            # the end-of-text token ends a generation and is not part of its text (as lm-eval's `hf` model)
-            text = self.tok_decode(self.runner.generate_ids(ids, max_new, temperature))
+            # the end-of-text token ends a generation and is not part of its text (as lm-eval's `hf` model), and
+            # so does a stop string, checked as the tokens come (no FLOPs spent past it)
+            def seen(new: list[int]) -> bool:
+                return any(u in self.tok_decode(new) for u in until)
+
+            text = self.tok_decode(self.runner.generate_ids(ids, max_new, temperature, top_p, top_k=top_k, stop=seen))
             for stop in until:
-                if stop and stop in text:
+                if stop in text:
                     text = text.split(stop)[0]
             return text
 

@@ -93,10 +93,11 @@ def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int = 0
 @torch.no_grad()
 def generate(model: BlockLM, input_ids, max_new_tokens: int, lengths=None, prefill_fn=prefill,
              eos_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             generator=None):
+             generator=None, stop=None):
     """Prefill (dense by default; pass a Simba-pruned `prefill_fn`), then recurrent decoding.
 
     Returns the new tokens (b, <= max_new_tokens); a sequence that emitted eos is padded with eos after it.
+    stop(new tokens so far, (b, t)) -> bool: decoding ends after the step where it is true (a stop string seen).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     logits, state = prefill_fn(model, input_ids, lengths)
@@ -108,7 +109,7 @@ def generate(model: BlockLM, input_ids, max_new_tokens: int, lengths=None, prefi
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id
         out.append(nxt)
-        if eos_token_id is not None and bool(done.all()):
+        if eos_token_id is not None and bool(done.all()) or stop is not None and stop(torch.stack(out, dim=1)):
             break
         logits = step(model, nxt, state)
     return torch.stack(out, dim=1)

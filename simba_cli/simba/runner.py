@@ -104,9 +104,9 @@ class ModelRunner:
     # --- generation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0) -> list[int]:
+                     seed: int = 0, top_k: int = 0, stop=None) -> list[int]:
         """New tokens after `ids`: a (pruned) prefill, then recurrent decoding, up to the end-of-text token,
-        which is not returned."""
+        which is not returned, or until stop(new ids so far) is true (`models.decode.generate`)."""
         from simba_cli.models.decode import generate, prefill
 
         if not ids:
@@ -114,7 +114,8 @@ class ModelRunner:
         prefill_fn = prefill if self.config.dense else pruned_prefill(self.config)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         new = generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens, prefill_fn=prefill_fn,
-                       eos_token_id=self.eos_token_id, temperature=temperature, top_p=top_p, generator=gen)
+                       eos_token_id=self.eos_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                       generator=gen, stop=None if stop is None else lambda new: stop(new[0].tolist()))
         self.count(generation_flops(self.model.cfg, self.config, len(ids), new.shape[1]))
         tokens = new[0].tolist()
         return tokens[:tokens.index(self.eos_token_id)] if self.eos_token_id in tokens else tokens
