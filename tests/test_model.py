@@ -211,3 +211,25 @@ def test_falcon_mamba_equals_transformers(tmp_path):
     assert_same_logits(load_checkpoint(again).eval(), oracle)
     with pytest.raises(UserError, match="no Falcon-Mamba variant"):
         save_checkpoint(ours, tmp_path / "ssm", fmt="mamba_ssm")
+
+
+# mamba-ssm 2.x's MambaConfig, a plain dataclass: MambaLMHeadModel.from_pretrained builds it from config.json with
+# MambaConfig(**config), so any other key is a TypeError there
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                           "tie_embeddings"}
+
+
+def test_mamba_ssm_configs_hold_only_what_mamba_ssm_reads(tmp_path):
+    import dataclasses
+
+    from simba_cli.models.mamba2_config import Mamba2Config
+
+    one = random_model(tiny_config(n_layer=2))
+    assert set(one.cfg.to_mamba_ssm()) <= MAMBA_SSM_CONFIG_FIELDS
+    assert set(Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=8, head_dim=8).to_mamba_ssm()) \
+        <= MAMBA_SSM_CONFIG_FIELDS
+    # a norm epsilon mamba-ssm cannot hold is refused, not dropped
+    odd = dataclasses.replace(one.cfg, norm_eps=1e-6)
+    with pytest.raises(UserError, match="norm epsilon 1e-06.*hf format"):
+        odd.to_mamba_ssm()

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass
 
 from simba_cli.errors import UserError
 
+# mamba-ssm's MambaConfig has no norm epsilon: its models always build their norms with this one
+MAMBA_SSM_NORM_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class MambaConfig:
@@ -83,6 +86,9 @@ class MambaConfig:
         if self.bcdt_rms:
             raise UserError("mamba-ssm's config.json has no Falcon-Mamba variant (norms on dt, B, C); save this "
                             "model in hf format")
+        if self.norm_eps != MAMBA_SSM_NORM_EPS:
+            raise UserError(f"mamba-ssm's config.json cannot hold norm epsilon {self.norm_eps:g} (its norms always use "
+                            f"1e-5); save this model in hf format")
         if self.d_inner != self.expand * self.d_model:
             raise UserError(f"mamba-ssm's config.json cannot hold d_inner {self.d_inner} (it is always expand × "
                             f"d_model = {self.expand * self.d_model}); save this model in hf format")
@@ -101,7 +107,6 @@ class MambaConfig:
                 "bias": self.bias,
             },
             "rms_norm": self.rms_norm,
-            "norm_epsilon": self.norm_eps,
             "residual_in_fp32": self.residual_in_fp32,
             "fused_add_norm": True,
             "pad_vocab_size_multiple": 8,

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from simba_cli.errors import UserError
-from simba_cli.models.config import _pad_vocab
+from simba_cli.models.config import MAMBA_SSM_NORM_EPS, _pad_vocab
 
 # mamba-ssm's settings for a plain Mamba-2 LM, the one this package implements.
 _PLAIN_MAMBA_SSM = {"d_intermediate": 0, "attn_layer_idx": [], "rms_norm": True, "ssm_cfg.rmsnorm": True,
@@ -162,6 +162,9 @@ class Mamba2Config:
         return out
 
     def to_mamba_ssm(self) -> dict:
+        if self.norm_eps != MAMBA_SSM_NORM_EPS:
+            raise UserError(f"mamba-ssm's config.json cannot hold norm epsilon {self.norm_eps:g} (its norms always use "
+                            f"1e-5); save this model in hf format")
         ssm = {"layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
                "headdim": self.head_dim, "ngroups": self.n_groups, "chunk_size": self.chunk_size,
                "conv_bias": self.conv_bias, "bias": self.bias}
@@ -177,7 +180,6 @@ class Mamba2Config:
             "attn_cfg": {},
             "rms_norm": True,
             "residual_in_fp32": self.residual_in_fp32,
-            "norm_epsilon": self.norm_eps,
             "fused_add_norm": True,
             "pad_vocab_size_multiple": 8,
             "tie_embeddings": self.tie_embeddings,
