@@ -233,3 +233,51 @@ def test_mamba_ssm_configs_hold_only_what_mamba_ssm_reads(tmp_path):
     odd = dataclasses.replace(one.cfg, norm_eps=1e-6)
     with pytest.raises(UserError, match="norm epsilon 1e-06.*hf format"):
         odd.to_mamba_ssm()
+
+
+def _fake_hub_repo(cache, repo_id: str, model, fmt: str):
+    """A repo as huggingface_hub's cache holds it: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    save_checkpoint(model, folder / "snapshots" / commit, fmt=fmt)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    """The hub path itself, offline: snapshot_download finds a repo in a pre-filled cache (HF_HUB_CACHE), in either
+    checkpoint format, and the model loads with the same logits as the directory it was saved from."""
+    from huggingface_hub import constants
+
+    from simba_cli.models.loading import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = random_model(tiny_config(n_layer=2)).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    for repo_id, fmt in (("simba-test/tiny-hf", "hf"), ("simba-test/tiny", "mamba_ssm")):
+        _fake_hub_repo(tmp_path, repo_id, model, fmt)
+        loaded = load_model(repo_id, with_tokenizer=False).model
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(UserError, match="not in the local hub cache"):
+        load_model("simba-test/absent", with_tokenizer=False)
+
+
+def test_hub_downloads_fetch_one_weight_format(tmp_path, monkeypatch):
+    from simba_cli.models import hub
+
+    asked = []
+
+    def fake_download(repo_id, patterns, what="model"):
+        asked.append(patterns)
+        return tmp_path / repo_id.split("/")[1]
+
+    monkeypatch.setattr(hub, "download", fake_download)
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "model-00001-of-00002.safetensors").write_bytes(b"")
+    (tmp_path / "bin").mkdir()
+    hub.resolve("org/st")
+    assert len(asked) == 1 and not any(p.endswith(".bin") for p in asked[0])
+    asked.clear()
+    hub.resolve("org/bin")  # no safetensors: then the .bin files, and only the model's
+    assert asked[1] == hub.BIN_FILES and "training_args.bin" not in asked[1]

@@ -143,7 +143,9 @@ def fill(model, directory: Path, dtype: torch.dtype):
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         raise UserError(f"{directory}/{files} does not fit its config.json: shape mismatch {_short(bad)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    for k in list(state):  # one tensor at a time, each source freed as it is replaced: a 7B bf16 checkpoint read as
+        state[k] = state[k].to(dtype)  # float32 peaks at the float32 model, not at both copies together
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model
 

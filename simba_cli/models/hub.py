@@ -12,7 +12,10 @@ from pathlib import Path
 from simba_cli.errors import UserError
 from simba_cli.models import zoo
 
-MODEL_FILES = ["config.json", "*.safetensors", "*.bin", "*.index.json"]
+# The weight files `models.checkpoint` reads, one format at a time (a repo may ship both, and other .bin files
+# such as training_args.bin): safetensors first, the .bin files only where there are none
+MODEL_FILES = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+BIN_FILES = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -27,7 +30,10 @@ def resolve(ref: str, what: str = "model", patterns: list[str] | None = None) ->
     if zoo_dir := zoo.path(ref):
         return zoo_dir
     if _REPO_ID.match(ref):
-        return download(ref, patterns or (MODEL_FILES + TOKENIZER_FILES), what)
+        if patterns is not None:
+            return download(ref, patterns, what)
+        directory = download(ref, MODEL_FILES + TOKENIZER_FILES, what)
+        return directory if any(directory.glob("model*.safetensors")) else download(ref, BIN_FILES, what)
     raise UserError(f"no {what} {ref!r}: not a directory, not a zoo model ({', '.join(zoo.names()) or 'none'}), "
                     f"and not a hub repo id like state-spaces/mamba-130m")
 
