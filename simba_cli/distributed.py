@@ -99,8 +99,9 @@ class Dist:
 def setup(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the data-parallel group when started by torchrun (WORLD_SIZE > 1); the device to run on.
 
-    CUDA: each process takes cuda:LOCAL_RANK (unless a device index was given) and NCCL; otherwise gloo, and
-    the CPU cores are shared between the processes of a machine instead of oversubscribed."""
+    CUDA: each process takes cuda:LOCAL_RANK and NCCL, whatever index was asked for (lm-eval asks every process
+    for cuda:0; two processes on one device make NCCL fail); otherwise gloo, and the CPU cores are shared between
+    the processes of a machine instead of oversubscribed."""
     import torch
     import torch.distributed as dist
 
@@ -108,8 +109,7 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
     if world == 1:
         return Dist(), device
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

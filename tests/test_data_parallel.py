@@ -11,6 +11,7 @@ import pytest
 
 from simba_cli.data.bpe import train_bpe
 from simba_cli.distributed import Dist
+from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import save_checkpoint
 from tests.conftest import random_model, tiny_config
 from tests.test_eval import TEXT
@@ -151,3 +152,35 @@ batch_size: 3
     again = torchrun([*args, "--out", str(tmp_path / "two")])
     assert again.returncode != 0 and again.stderr.count("error: ") == 1, again.stderr[-2000:]
     assert "--overwrite" in again.stderr
+
+
+def test_each_process_takes_its_own_gpu_whatever_index_was_asked(monkeypatch):
+    """lm-eval hands every process device cuda:0: under torchrun each must still take cuda:LOCAL_RANK (two
+    processes on one GPU make NCCL fail)."""
+    import torch
+    import torch.distributed as dist
+
+    from simba_cli import distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    for asked in (torch.device("cuda", 0), torch.device("cuda")):
+        dd, device = distributed.setup(asked)
+        assert device == torch.device("cuda", 1) and (dd.rank, dd.world) == (1, 2)
+    assert chosen == [torch.device("cuda", 1)] * 2
+
+
+def test_lm_eval_cache_is_refused_under_torchrun(monkeypatch):
+    """lm-eval keeps one cache per process: the processes would find different work left and wait on each other."""
+    from simba_cli import distributed
+    from simba_cli.lm_eval import __main__ as entry
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["simba-lm-eval", "run", "--model", "simba", "--use_cache", "c"])
+    with pytest.raises(UserError, match="--use_cache does not work under torchrun"):
+        entry.run()

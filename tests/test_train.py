@@ -123,12 +123,17 @@ def test_dropout_acts_in_training_only_and_leaves_the_model_plain():
     assert set(model.state_dict()) == keys and len(handles) == 1 + len(model.layers)
 
 
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
-def test_two_gloo_processes_equal_one(data_file, tmp_path, pruned):
+@pytest.mark.parametrize("variant", ["dense", "pruned", "recall"])
+def test_two_gloo_processes_equal_one(data_file, tmp_path, variant):
     recipe = tmp_path / "r.yaml"
     r = tiny_recipe(data_file, steps=6)
-    if pruned:  # Simba active in training: each process prunes its own sequences, the loss covers every position
+    if variant == "pruned":  # Simba in training: each process prunes its own sequences, the loss on every position
         r = recipe_from_dict({**yaml.safe_load(r.to_yaml()), "prune": {"final_keep": 0.5, "mode": "exit"}})
+    if variant == "recall":  # the answers' mean and the other tokens' mean are over both processes' rows
+        body = yaml.safe_load(r.to_yaml())
+        body["data"].update(seq_len=128, recall={"share": 0.5, "passkey": 1.0, "mqar": 0.0, "shortest": 128,
+                                                 "lead_len": 128, "answer_loss": 4.0})
+        r = recipe_from_dict(body)
     recipe.write_text(r.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "simba_cli.cli", "finetune", "--recipe", str(recipe),

@@ -21,6 +21,12 @@ def run():
     from lm_eval.__main__ import cli_evaluate
 
     import simba_cli.eval.lm as simba_lm  # registers the model "simba"
+    from simba_cli.distributed import world_size
+
+    if world_size() > 1 and any(a == "--use_cache" or a.startswith("--use_cache=") for a in sys.argv[1:]):
+        # lm-eval keeps a cache per process: ranks would find different requests left and wait on each other
+        raise UserError("--use_cache does not work under torchrun (each process has its own cache and they would "
+                        "wait on each other); leave it out or run one process")
 
     simba_lm.KEEP_INSTANCES = True
     cli_evaluate()

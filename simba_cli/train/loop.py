@@ -63,11 +63,16 @@ def _optimizer(model: BlockLM, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas)
 
 
+# Data parallel: process r draws its dropout masks from seed + PROCESS_SEED_STRIDE * r, so no two processes share them
+PROCESS_SEED_STRIDE = 7919
+
+
 class LossFn:
     """Next-token loss of a batch (b, seq_len + 1): dense, or through the Simba-pruned forward."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, world: int = 1):
         self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
+        self.world = world  # data parallel: the parts' means are over every process's tokens (see _split_ce)
         self.answer_ce = float("nan")  # the last batch's mean loss on recall answers (for the log)
 
     def __call__(self, model, batch: torch.Tensor, answers: torch.Tensor | None = None,
@@ -100,10 +105,16 @@ class LossFn:
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         is_answer = answers.flatten()
+        chosen_parts = (~is_answer, is_answer)
+        counts = torch.stack([c.sum() for c in chosen_parts]).float()
+        if self.world > 1:  # each part's mean over every process's tokens, as one process over the whole batch
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)  # DDP then averages the gradients over the processes: hence the world below
         loss = ce.sum() * 0.0  # keeps the graph when a part is empty (a process whose rows hold no answers)
-        for weight, chosen in zip(parts, (~is_answer, is_answer)):
-            if weight and bool(chosen.any()):
-                loss = loss + weight * ce[chosen].mean()
+        for weight, chosen, count in zip(parts, chosen_parts, counts.tolist()):
+            if weight and count > 0:
+                loss = loss + weight * ce[chosen].sum() * (self.world / count)
         if bool(is_answer.any()):
             self.answer_ce = float(ce[is_answer].detach().mean())
         return loss
@@ -233,6 +244,8 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     resumable = check_out(out, "recipe.yaml", "finetune", overwrite=overwrite, resume=resume)
     torch.manual_seed(recipe.train.seed)
     model, tokenizer, artifact_prune = _start_model(recipe, init_from, device)
+    if dd.world > 1:  # the same model on every process (above), then dropout masks of each process's own
+        torch.manual_seed(recipe.train.seed + PROCESS_SEED_STRIDE * dd.rank)
     if artifact_prune is not None and recipe.prune is None:
         recipe.prune = dataclasses.replace(artifact_prune, mode="exit")  # the loss on every position
     if recipe.prune is not None:  # the schedule against this model's layers, before --out is touched
@@ -265,8 +278,8 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     resuming = resumable and (out / ckpt.CHECKPOINT).is_file()
     if resuming and load_recipe(out / "recipe.yaml").to_dict() != recipe.to_dict():
         raise UserError(f"--resume with a recipe that differs from {out}/recipe.yaml; resume with that recipe")
-    return Run(recipe, out, device, dd, model, tokenizer, LossFn(recipe), train_stream, val_windows, val_recall,
-               init_from, resuming)
+    return Run(recipe, out, device, dd, model, tokenizer, LossFn(recipe, dd.world), train_stream, val_windows,
+               val_recall, init_from, resuming)
 
 
 def prepare_out(run: Run):
@@ -309,7 +322,11 @@ def train(run: Run, progress: bool = True) -> TrainState:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"])
+        rng = state["rng"]  # one state, or one per process of a data-parallel run
+        per_process = isinstance(rng, list) and len(rng) == dd.world
+        torch.set_rng_state(rng[dd.rank] if per_process else rng[0] if isinstance(rng, list) else rng)
+        if not per_process and dd.world > 1:  # resumed with another number of processes: masks of their own
+            torch.manual_seed(recipe.train.seed + PROCESS_SEED_STRIDE * dd.rank + state["step"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         at = TrainState(state["step"], state["elapsed"], state["tokens_seen"], state.get("loss", float("nan")),
@@ -329,9 +346,11 @@ def train(run: Run, progress: bool = True) -> TrainState:
             log.flush()
 
     def checkpoint_now():
+        rng_states = dd.all_gather(torch.get_rng_state())  # every process's (their dropout masks differ)
+        rng_states = rng_states[0] if dd.world == 1 else rng_states
         if dd.main:
             ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+                            "sampler": sampler.state_dict(), "rng": rng_states,
                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                             "step": at.step, "elapsed": at.elapsed, "tokens_seen": at.tokens_seen,
                             "loss": at.loss})
@@ -365,7 +384,7 @@ def train(run: Run, progress: bool = True) -> TrainState:
                 at.tokens_seen += tokens
                 at.elapsed += time.perf_counter() - t0
                 window_tokens += tokens
-                at.loss = loss.item()
+                at.loss = loss.item() if dd.world == 1 else _mean_over_processes(loss, dd.world)
                 if at.step % recipe.train.log_every == 0 or at.step == recipe.train.steps:
                     rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
                     answer = {} if recall is None else {"answer_loss": run.loss_fn.answer_ce}
@@ -434,6 +453,13 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     run = setup(recipe, Path(out), init_from, resume, overwrite, device)
     prepare_out(run)
     return finish(run, train(run, progress))
+
+
+def _mean_over_processes(loss: torch.Tensor, world: int) -> float:
+    """The step's loss over every process's rows (what the log and the bar show), as one process would report it."""
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / world
 
 
 def _truncate_log(path: Path, step: int):
