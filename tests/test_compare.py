@@ -137,6 +137,8 @@ ppl_windows: 2
     assert (str(big), "recent 0.5") in settings
     assert all(row["flops_per_doc"] > 0 for row in summary["rows"])
     assert {p["vs"] for p in summary["paired"]} >= {"recent", "dense", "truncate"}
+    # a subject's rows are its own settings': truncate (which carries the default criterion) is never one
+    assert all(not p["setting"].startswith("truncate") for p in summary["paired"])
     # truncate stands beside Simba at the same body cost: the last 55% of the input (linear to 0.5 over 4
     # layers keeps 1, 0.83, 0.67, 0.5 of it: mean 0.75 for the big model)
     row = {(r["model"], r["setting"], r["task"]): r for r in summary["rows"]}

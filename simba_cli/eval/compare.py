@@ -548,8 +548,8 @@ def paired_rows(results: list[Result], subject: str = "simba") -> tuple[list[dic
     out, diffs = [], []
     for r in results:
         config = r.setting.config
-        if config.dense or config.criterion != subject:
-            continue
+        if config.dense or config.schedule == "truncate" or config.criterion != subject:
+            continue  # (truncate settings carry the default criterion, which they never use)
         others = [o for o in results if o.model == r.model and o.task == r.task and o is not r
                   and not o.setting.config.dense
                   and (o.setting.beside == config.key() or o.setting.config.schedule != "truncate"
