@@ -235,8 +235,9 @@ def _ints(text: str | None, name: str) -> list[int]:
 @command("eval")
 def eval_cmd(
     model: Model,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: simba_cloze, simba_choice, simba_recall (offline) "
-                                            "or lm-eval tasks (piqa, hellaswag, ...; need the hub)")]
+    tasks: Annotated[str, typer.Option(help="Comma-separated, offline: simba_cloze, simba_choice, simba_recall, "
+                                            "simba_recall_long, simba_passkey, simba_passkey_exact, simba_mqar; or "
+                                            "lm-eval tasks (piqa, hellaswag, ...; need the hub); \"\" for none")]
     = "simba_cloze,simba_choice,simba_recall",
     limit: Annotated[int | None, typer.Option(help="Documents per task (at least 1; default: all)")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples")] = None,
@@ -350,6 +351,8 @@ def generate_cmd(
 
     runner = ModelRunner.load(model, device, **_prune_overrides(schedule, final_keep, None, None, criterion))
     typer.echo(runner.generate_text(prompt, max_new_tokens, temperature, top_p, seed))
+    m = runner.measured()  # on stderr: what ran, without mixing into the text
+    typer.echo(f"prefill {runner.config.describe()}; {m.get('flops', 0):.4g} FLOPs measured", err=True)
 
 
 @command("finetune")

@@ -202,6 +202,8 @@ def test_generate_command_with_a_pruned_prefill(hf_dir):
     r = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", TEXT[1][:60], "--max-new-tokens", "4",
                                  "--schedule", "linear", "--final-keep", "0.3"])
     assert r.exit_code == 0, r.output
+    # the text alone on stdout; what ran on stderr
+    assert "prefill linear(final_keep=0.3" in r.stderr and "FLOPs measured" in r.stderr and "FLOPs" not in r.stdout
     empty = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", ""])
     assert empty.exit_code == 2 and "prompt" in empty.output
 
