@@ -103,10 +103,24 @@ def test_linear_schedule_values():
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "step"])
-def test_schedules_are_monotone_and_end_at_final_keep(kind):
-    r = PruneConfig(kind, 0.2, stages=3).keep_ratios(10)
+@pytest.mark.parametrize("n_layer", [10, 3, 2])
+def test_schedules_are_monotone_and_end_at_final_keep(kind, n_layer):
+    """Also with fewer layers after the first than steps (3 stages over 1 or 2 layers)."""
+    r = PruneConfig(kind, 0.2, stages=3).keep_ratios(n_layer)
     assert r[0] == 1.0 and r[-1] == pytest.approx(0.2)
     assert all(a >= b - 1e-12 for a, b in zip(r, r[1:]))
+
+
+def test_schedule_values_by_hand():
+    """10 layers, final_keep 0.2, from layer 1 (9 layers prune, x = l / 9): cosine 0.2 + 0.4 (1 + cos(pi x));
+    step with 3 stages: layers 1-3 keep 1 - 0.8/3, 4-6 1 - 1.6/3, 7-9 0.2; constant 0.2 after layer 0."""
+    cosine = PruneConfig("cosine", 0.2).keep_ratios(10)
+    assert cosine == pytest.approx([1.0] + [0.2 + 0.4 * (1 + math.cos(math.pi * l / 9)) for l in range(1, 10)])
+    step = PruneConfig("step", 0.2, stages=3).keep_ratios(10)
+    assert step == pytest.approx([1.0] + [1 - 0.8 / 3] * 3 + [1 - 1.6 / 3] * 3 + [0.2] * 3)
+    assert PruneConfig("constant", 0.2).keep_ratios(10) == pytest.approx([1.0] + [0.2] * 9)
+    # 4 stages over 2 pruning layers: each layer its own step, the last at final_keep
+    assert PruneConfig("step", 0.2, stages=4).keep_ratios(3) == pytest.approx([1.0, 0.6, 0.2])
 
 
 @pytest.mark.parametrize("kw,msg", [

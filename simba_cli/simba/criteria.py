@@ -147,7 +147,9 @@ def simba_score(scan: ScanInputs | SSDScanInputs, lengths: torch.Tensor, variant
         return ssd_score(scan.x, dt, scan.A, scan.B, scan.C, lengths, variant, z_T)
     gate_T = None
     if variant == "simba-gated":
-        gate_T = F.silu(scan.z[torch.arange(scan.z.shape[0]), last_idx].float())
+        # at least float32 (a bf16 gate would round the score), float64 where the scan is (the reference)
+        gate_T = F.silu(scan.z[torch.arange(scan.z.shape[0]), last_idx].to(torch.promote_types(dt.dtype,
+                                                                                                 torch.float32)))
     absolute = variant == "simba-abs"
     u, A, B, C = scan.u, scan.A, scan.B, scan.C
     if u.device.type == "cuda":

@@ -52,6 +52,8 @@ def keep_ratios(kind: str, final_keep: float, n_layer: int, first_layer: int = 1
             r = final_keep
         else:  # step: stage s of `stages` keeps 1 - (1 - final_keep) * (s + 1) / stages
             stage = min(stages - 1, (layer - f) * stages // span)
+            if span < stages:  # fewer layers than stages: each its own step, the last one at final_keep
+                stage = math.ceil((layer - f + 1) * stages / span) - 1
             r = 1 - (1 - final_keep) * (stage + 1) / stages
         ratios.append(r)
     return ratios
