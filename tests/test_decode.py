@@ -102,3 +102,29 @@ def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_
         with torch.no_grad():
             ref_next = dense_on_gathered(model, longer, [torch.cat([k, torch.tensor([n])]) for k in kept], "random")
         torch.testing.assert_close(stepped[b], ref_next[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_draws_from_the_filtered_softmax():
+    """top_k = 1 and a tiny top_p are greedy; top_k / top_p never draw outside the kept set; temperature 1
+    draws each token about as often as its softmax probability; the same generator seed, the same draws."""
+    from simba_cli.models.decode import sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(4000, 1)
+    probs = torch.softmax(logits[0], -1)
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    greedy = torch.zeros(4000, dtype=torch.long)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen()), greedy)
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6, generator=gen()), greedy)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=gen()).tolist()) == {0, 1}
+    # top_p 0.8: the smallest set whose probability reaches 0.8 (here the first three tokens, 0.86)
+    assert float(probs[:2].sum()) < 0.8 <= float(probs[:3].sum())
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen()).tolist()) == {0, 1, 2}
+    draws = sample_next(logits, 1.0, generator=gen())
+    freq = torch.bincount(draws, minlength=5).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+    assert torch.equal(draws, sample_next(logits, 1.0, generator=gen()))
+    hot = torch.bincount(sample_next(logits, 3.0, generator=gen()), minlength=5).float() / 4000
+    assert hot[0] < freq[0] - 0.1  # a higher temperature flattens the distribution

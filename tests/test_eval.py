@@ -1,6 +1,7 @@
 """The lm-eval model `simba` against lm-eval's own `hf` model, protected continuations, the eval command."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,8 +68,23 @@ def test_pruned_scoring_protects_the_continuation_and_counts_flops(hf_dir):
 
     lm = SimbaLM(pretrained=str(hf_dir), batch_size=4, device="cpu", schedule="linear", final_keep=0.2,
                  criterion="simba")
-    results = lm.loglikelihood(requests())
-    assert all(ll < 0 for ll, _ in results)
+    reqs = requests()
+    results = lm.loglikelihood(reqs)
+    # each request by hand, alone: the positions that predict the continuation protected, their logits read
+    from simba_cli.simba.pruned import pruned_forward
+    from simba_cli.simba.settings import PruneConfig
+
+    config = PruneConfig("linear", 0.2, criterion="simba", mode="protect")
+    for (ctx, cont), (ll, _) in zip((r.args for r in reqs), results):
+        c, t = lm._encode_pair(ctx, cont)
+        ids = torch.tensor([c + t])
+        protected = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
+        protected[0, len(c) - 1:] = True
+        with torch.no_grad():
+            out = pruned_forward(lm.model, ids[:, :-1], config, protected=protected, trace=True)
+        assert set(range(len(c) - 1, ids.shape[1] - 1)) <= set(out.kept[-1][0].tolist())  # never pruned
+        logp = torch.log_softmax(out.logits[0, -len(t):].float(), -1)
+        assert ll == pytest.approx(float(logp.gather(1, torch.tensor(t)[:, None]).sum()), abs=1e-4)
     m = lm.measured()
     assert m["keep_ratios"][0] == 1 and m["keep_ratios"][-1] < 0.8  # it pruned, and says how much
     assert m["flops"] > 0 and m["forwards"] == 2
@@ -202,8 +218,21 @@ def test_generate_command_with_a_pruned_prefill(hf_dir):
     r = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", TEXT[1][:60], "--max-new-tokens", "4",
                                  "--schedule", "linear", "--final-keep", "0.3"])
     assert r.exit_code == 0, r.output
-    # the text alone on stdout; what ran on stderr
-    assert "prefill linear(final_keep=0.3" in r.stderr and "FLOPs measured" in r.stderr and "FLOPs" not in r.stdout
+    # the text alone on stdout, the decoder's own tokens after a pruned prefill; what ran on stderr
+    from simba_cli.models.decode import generate
+    from simba_cli.models.loading import load_model
+    from simba_cli.simba.pruned import pruned_prefill
+    from simba_cli.simba.settings import PruneConfig
+
+    loaded = load_model(str(hf_dir))
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok.encode(TEXT[1][:60], add_special_tokens=False)])
+    with torch.no_grad():
+        new = generate(loaded.model, ids, 4, prefill_fn=pruned_prefill(PruneConfig("linear", 0.3)),
+                       eos_token_id=tok.eos_token_id)[0].tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    assert r.stdout == tok.decode(new) + "\n"
+    assert "prefill linear(final_keep=0.3" in r.stderr and "FLOPs measured" in r.stderr
     empty = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", ""])
     assert empty.exit_code == 2 and "prompt" in empty.output
 
@@ -297,3 +326,25 @@ def test_recent_overlap_is_the_share_of_the_last_layers_tokens_that_are_the_most
         shares.append(sum(p >= 64 - len(last) for p in last) / len(last))
     assert overlap(simba) == pytest.approx(sum(shares) / 4)
     assert min(shares) < 1  # Simba keeps some older tokens here, so the check can tell
+
+
+def test_long_context_perplexity_dense_equals_cross_entropy_by_hand(hf_dir):
+    """The protocol's dense numbers against the plain forward: each window [e - L, e) scores its last K tokens'
+    next tokens, stream[e - K + 1 .. e]; the windows' ends are the same for every context."""
+    import torch.nn.functional as F
+
+    from simba_cli.eval.perplexity import long_context_perplexity
+    from simba_cli.models.checkpoint import load_checkpoint
+    from simba_cli.simba.settings import DENSE
+
+    model = load_checkpoint(hf_dir).eval()
+    stream = torch.randint(0, model.cfg.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
+    contexts, k, windows = [32, 64], 8, 5
+    rows = long_context_perplexity(model, stream, DENSE, contexts, k, windows, batch_size=2)
+    ends = torch.linspace(64, stream.numel() - 1, windows).long().tolist()
+    with torch.no_grad():
+        for row, length in zip(rows, contexts):
+            per_window = [F.cross_entropy(model(stream[None, e - length:e])[0, -k:], stream[e - k + 1:e + 1]).item()
+                          for e in ends]
+            assert row["window_nll"] == pytest.approx(per_window, abs=1e-5)
+            assert row["ppl"] == pytest.approx(math.exp(sum(per_window) / windows), rel=1e-5)

@@ -1,6 +1,7 @@
 """Mamba-2 through the paths Mamba-1 takes: the mixer's interface, decoding against transformers, the pruned
 forward, FLOPs by hand, both checkpoint formats, and the commands on a local Mamba-2 directory."""
 
+import dataclasses
 import json
 
 import pytest
@@ -76,6 +77,28 @@ def test_criteria_read_a_mamba2_layer():
     for criterion in ("output-norm", "random", "uniform", "recent"):
         got = score(criterion, LayerView(None, out.out, LENGTHS, torch.tensor([5, 3, 4]), 0))
         assert torch.isneginf(got[padding]).all() and torch.isfinite(got[~padding]).all()
+    check_baseline_scores(LayerView(None, out.out, LENGTHS, torch.tensor([5, 3, 4]), 0))
+
+
+def check_baseline_scores(view):
+    """The baselines' values by their definitions (criteria module docstring), on any family's layer output."""
+    lengths, keep = view.lengths, view.keep
+    b, l = view.output.shape[:2]
+    real = torch.arange(l)[None, :] < lengths[:, None]
+    by_hand = {"output-norm": view.output.clamp(min=0).sum(-1), "recent": torch.arange(l).float().expand(b, l)}
+    for criterion, want in by_hand.items():
+        got = score(criterion, view)
+        torch.testing.assert_close(got[real], want.float()[real])
+    uniform = score("uniform", view)
+    for i, (n, k) in enumerate(zip(lengths.tolist(), keep.tolist())):
+        chosen = set(torch.nonzero(uniform[i] == 1).flatten().tolist())
+        assert len(chosen) == k and n - 1 in chosen and 0 in chosen  # k evenly spaced, both ends included
+        gaps = torch.diff(torch.tensor(sorted(chosen)))
+        assert int(gaps.max()) - int(gaps.min()) <= 1
+    first, again = score("random", view), score("random", view)
+    assert torch.equal(first, again) and ((first[real] >= 0) & (first[real] < 1)).all()
+    other_layer = score("random", dataclasses.replace(view, layer=view.layer + 1))
+    assert not torch.equal(first[real], other_layer[real])  # a fresh draw per layer
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -240,7 +263,7 @@ def test_prune_eval_and_generate_a_local_mamba2(mamba2_dir, tmp_path):
     assert res["perplexity"][0]["context"] == 48
     for args in ([], ["--final-keep", "0.5"]):
         r = run("generate", mamba2_dir, "--prompt", "To be, or not to be, that is", "--max-new-tokens", 4, *args)
-        assert r.exit_code == 0 and r.output.strip(), r.output
+        assert r.exit_code == 0 and r.stdout.strip() and "prefill" in r.stderr, r.output
 
 
 def test_flops_report_and_match_know_mamba2(mamba2_dir):

@@ -384,3 +384,20 @@ def test_truncate_is_the_dense_model_on_the_last_tokens(family):
     assert config.label() == "truncate 0.5" and config.keep_ratios(4) == [0.5] * 4
     exits = pruned_forward(model, ids[:1], PruneConfig("truncate", 0.5))
     torch.testing.assert_close(exits.logits[0, :20], model.logits_from_stream(model.embed(ids[:1, :20]))[0])
+
+
+@torch.no_grad()
+def test_baseline_criteria_by_their_definitions_on_a_mamba1_layer():
+    """dt-norm, output-norm, uniform, recent and random on a Mamba-1 layer, right-padded (Mamba-2: test_mamba2_run)."""
+    from simba_cli.simba.criteria import LayerView, score
+    from tests.test_mamba2_run import check_baseline_scores
+
+    model = random_model(tiny_config(d_model=16, n_layer=2), seed=5)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([21, 9, 14])
+    out, _ = model.layers[0](model.embed(ids), None, lengths, keep_scan_inputs=True)
+    view = LayerView(out.scan, out.out, lengths, torch.tensor([5, 3, 4]), 0)
+    real = torch.arange(21)[None, :] < lengths[:, None]
+    torch.testing.assert_close(score("dt-norm", view)[real], out.scan.dt.norm(dim=-1)[real])
+    assert torch.isneginf(score("dt-norm", view)[~real]).all()
+    check_baseline_scores(view)
