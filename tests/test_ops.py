@@ -270,3 +270,41 @@ def test_inference_kernels_give_the_same_bits_built_afresh_and_loaded_from_numba
     fresh, cached = np.load(tmp_path / "fresh.npz"), np.load(tmp_path / "cached.npz")
     for name in fresh:
         assert np.array_equal(fresh[name], cached[name]), name
+
+
+# --- the CUDA paths' choices, checked on CPU tensors (the kernels themselves need a GPU) ----------------------
+
+def test_causal_conv1d_gets_a_layout_its_kernel_accepts():
+    """causal-conv1d takes (b, D, l) "channel last" only with D and the batch and row strides multiples of 8: a
+    Mamba-1 x (a half of in_proj's output, row stride 2 D) goes as it is; Mamba-2's xBC of a zoo-m2 layer (row
+    stride 559) and an odd D are copied."""
+    from simba_cli.ops.conv import causal_conv1d_layout
+
+    mamba1 = torch.randn(2, 10, 2 * 48)[..., :48]
+    assert causal_conv1d_layout(mamba1).data_ptr() == mamba1.data_ptr()
+    for x in (torch.randn(2, 10, 559)[..., 240:240 + 304], torch.randn(2, 10, 36)):
+        laid = causal_conv1d_layout(x)
+        assert laid.is_contiguous() and torch.equal(laid, x.transpose(1, 2))
+
+
+def test_a_float32_dt_is_never_rounded_to_bf16_for_mamba_ssm(monkeypatch):
+    """mamba-ssm takes delta in u's dtype: a pruning layer's float32 dt (what its criterion reads) goes to the
+    Triton scan instead; a delta in u's dtype goes to mamba-ssm."""
+    from simba_cli.ops import scan
+
+    called = []
+    monkeypatch.setattr(scan, "_gated_scan", lambda core, *a: called.append(core) or (a[0], None))
+    monkeypatch.setattr(scan, "_mamba_ssm_scan", lambda *a: called.append("mamba_ssm") or (a[0], None))
+    u = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+    A, B = -torch.rand(8, 2), torch.randn(1, 4, 2, dtype=torch.bfloat16)
+    selective_scan(u, torch.rand(1, 4, 8), A, B, B, backend="mamba_ssm")
+    selective_scan(u, torch.rand(1, 4, 8, dtype=torch.bfloat16), A, B, B, backend="mamba_ssm")
+    assert called == [scan._TritonScan, "mamba_ssm"]
+
+
+def test_mamba2_blocks_on_gpus_are_capped():
+    from simba_cli.models.mamba2 import CPU_CHUNK_SIZE, GPU_MAX_CHUNK_SIZE, Mamba2Config, scan_chunk_size
+
+    cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=8, head_dim=8, chunk_size=256)
+    assert scan_chunk_size(cfg, torch.device("cuda")) == GPU_MAX_CHUNK_SIZE == 64
+    assert scan_chunk_size(cfg, torch.device("cpu")) == CPU_CHUNK_SIZE

@@ -102,9 +102,15 @@ CPU_CHUNK_SIZE = 32
 CHUNKS_AT_ONCE = 16  # chunks whose states the scan holds at once (b, 16, H, P, N): 12.6 MB for mamba2-130m
 
 
+# On GPUs the chunked scan runs as PyTorch ops that hold several (b, l / Q, H, Q, Q) tensors: at the checkpoints'
+# Q = 256, 10.7 GB each for mamba2-2.7b at 16 x 8192 tokens. Blocks of at most this many keep them 4x smaller.
+GPU_MAX_CHUNK_SIZE = 64
+
+
 def scan_chunk_size(cfg: Mamba2Config, device: torch.device) -> int:
-    """The block length the chunked scan uses on this device: the config's on GPUs, CPU_CHUNK_SIZE elsewhere."""
-    return cfg.chunk_size if device.type == "cuda" else CPU_CHUNK_SIZE
+    """The block length the chunked scan uses on this device (the result does not depend on it): the config's, at
+    most GPU_MAX_CHUNK_SIZE, on GPUs; CPU_CHUNK_SIZE elsewhere."""
+    return min(cfg.chunk_size, GPU_MAX_CHUNK_SIZE) if device.type == "cuda" else CPU_CHUNK_SIZE
 
 
 def _inference_on_cpu(*tensors) -> bool:

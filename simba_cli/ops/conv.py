@@ -30,13 +30,23 @@ def _causal_conv1d_fn():
 def causal_conv1d(x, weight, bias=None, silu: bool = True):
     if x.is_cuda and _causal_conv1d_fn() is not None:
         fn = _causal_conv1d_fn()
-        out = fn(x.transpose(1, 2), weight, bias, activation="silu" if silu else None)
+        out = fn(causal_conv1d_layout(x), weight, bias, activation="silu" if silu else None)
         return out.transpose(1, 2)
     if x.device.type == "cpu" and x.dtype != torch.float64:
         from simba_cli.ops.conv_cpu import CpuCausalConv
 
         return CpuCausalConv.apply(x, weight, bias, silu)
     return causal_conv1d_ref(x, weight, bias, silu)
+
+
+def causal_conv1d_layout(x: torch.Tensor) -> torch.Tensor:
+    """x (b, l, D) as causal-conv1d's (b, D, l): x's own memory ("channel last") where the kernel accepts it (D and
+    the batch and row strides multiples of 8), else a contiguous copy. A slice of a projection's output (Mamba-2's
+    xBC, row stride d_in_proj) often is not: the kernel refuses it rather than copying."""
+    xt = x.transpose(1, 2)
+    if x.stride(2) == 1 and x.shape[2] % 8 == 0 and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0:
+        return xt
+    return xt.contiguous()
 
 
 def causal_conv1d_ref(x, weight, bias=None, silu: bool = True):

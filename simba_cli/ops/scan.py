@@ -62,6 +62,10 @@ def selective_scan(
         y, last = _gated_scan(_CpuScan, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     elif backend == "triton":
         y, last = _gated_scan(_TritonScan, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
+    elif backend == "mamba_ssm" and delta.dtype != u.dtype:
+        # mamba-ssm takes delta in u's dtype: a float32 dt (a pruning layer's, which its criterion also reads)
+        # would be rounded to bfloat16 there, so that layer scans with the Triton kernel, which takes it as is
+        y, last = _gated_scan(_TritonScan, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     elif backend == "mamba_ssm":
         y, last = _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, lengths)
     else:
@@ -173,12 +177,11 @@ def _mamba_ssm_scan(u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus, le
         if delta_softplus:
             pad_delta = torch.full_like(delta, -1e4)  # softplus(-1e4 + bias) == 0
         else:
-            pad_delta = torch.zeros_like(delta) - (0 if delta_bias is None else delta_bias)
+            pad_delta = (torch.zeros_like(delta) - (0 if delta_bias is None else delta_bias)).to(delta.dtype)
         delta = torch.where(mask[..., None], delta, pad_delta)
     t = lambda x: None if x is None else x.transpose(1, 2).contiguous()
-    # mamba-ssm wants delta in u's dtype (a caller may hand over an fp32 dt already through softplus)
     y, last = selective_scan_fn(
-        t(u), t(delta.to(u.dtype)), A.float(), t(B), t(C), None if D_skip is None else D_skip.float(), t(z),
+        t(u), t(delta), A.float(), t(B), t(C), None if D_skip is None else D_skip.float(), t(z),
         None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state=True,
     )
     y = y.transpose(1, 2)
