@@ -331,6 +331,10 @@ def compare_cmd(
         print_table(table_rows(summary["perplexity"]), title="long-context perplexity")
     typer.echo(f"tables, plots and summary.json in {out} ({summary['elapsed_s']:.0f} s; its evaluations, summed "
                f"over every run that computed them: {summary['compute_s']:.0f} s)")
+    if len(summary["parts_computed_by"]) > 1:
+        commits = ", ".join(str(c["git_commit"])[:10] for c in summary["parts_computed_by"])
+        typer.echo(f"note: its evaluations were computed by {len(summary['parts_computed_by'])} versions of the code "
+                   f"({commits}; summary.json: parts_computed_by); --overwrite computes them all again")
 
 
 @command("generate")

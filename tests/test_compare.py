@@ -189,6 +189,18 @@ ppl_windows: 2
     # the comparison's evaluation time is its parts', whichever run computed them
     assert json.loads((out / "summary.json").read_text())["compute_s"] == pytest.approx(summary["compute_s"])
     assert summary["compute_s"] > 0
+    # every part says which code computed it; a resumed run over parts of other code says so
+    (made,) = summary["parts_computed_by"]
+    assert made["parts"] == len(list((out / "parts").iterdir())) and "versions" in made
+    for part in (out / "parts").iterdir():
+        if "simba_choice" in part.name:
+            body = json.loads(part.read_text())
+            part.write_text(json.dumps({**body, "computed_by": {"git_commit": "an-older-commit"}}))
+            break
+    mixed = CliRunner().invoke(app, ["compare", "--recipe", str(recipe), "--out", str(out), "--resume", "--quiet"])
+    assert "computed by 2 versions of the code" in mixed.output
+    assert {c["git_commit"] for c in json.loads((out / "summary.json").read_text())["parts_computed_by"]} == \
+        {made["git_commit"], "an-older-commit"}
     # other weights under the same name (a retrained model): its parts are computed again, the other's reused
     save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4, d_model=48), 5), big, tokenizer=tok,
                     overwrite=True)

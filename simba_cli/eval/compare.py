@@ -251,6 +251,7 @@ class Result:
     per_doc: list[float]
     doc_info: list[dict] | None = None
     seconds: float = 0.0  # the time its evaluation took (of a perplexity part's rows, on the first)
+    computed_by: dict | None = None  # the code that computed its part ({}: not recorded; None: counted elsewhere)
 
 
 def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) -> tuple[list[Result], list[Result]]:
@@ -287,6 +288,9 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
             write_atomic(path, text)
         return json.loads(text)  # as a resumed run reads it back
 
+    from simba_cli.provenance import git_commit, versions
+
+    made_by = {"git_commit": git_commit(), "versions": versions()}  # recorded in every part this run computes
     with Bar(progress and dd.main, plan.n_jobs, "compare", unit="eval") as bar:
         for name in plan.models:
             runner = ModelRunner.load(name, spec.device if device is None else device)
@@ -300,9 +304,10 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
                         runner.config = setting.config
                         began = time.time()
                         r = run_tasks(lm, only(plan.tasks, task), limit=spec.limit, log_samples=True)
-                        part = save(path, {**_part(lm, name, setting, task, r), "seconds": time.time() - began})
+                        part = save(path, {**_part(lm, name, setting, task, r), "seconds": time.time() - began,
+                                           "computed_by": made_by})
                     results.append(Result(name, setting, task, part["row"], part["per_doc"], part.get("doc_info"),
-                                          part.get("seconds", 0.0)))
+                                          part.get("seconds", 0.0), part.get("computed_by", {})))
                     bar.advance()
             if spec.ppl_contexts:
                 stream = token_stream(runner.tokenizer)
@@ -316,12 +321,13 @@ def run(plan: Plan, out: Path, progress: bool = True, dist=None, device=None) ->
                                                        spec.ppl_score_last, spec.ppl_windows, spec.batch_size,
                                                        runner.device, dist=dd)
                         took = time.time() - began
-                        rows = save(path, [{"model": name, "setting": setting.label, **r, "part_seconds": took}
-                                           for r in rows])
+                        rows = save(path, [{"model": name, "setting": setting.label, **r, "part_seconds": took,
+                                            "computed_by": made_by} for r in rows])
                     for i, r in enumerate(rows):
                         ppl_results.append(Result(name, setting, f"ppl@{r['context']}", r,
                                                   [-x for x in r["window_nll"]],
-                                                  seconds=r.get("part_seconds", 0.0) if i == 0 else 0.0))
+                                                  seconds=r.get("part_seconds", 0.0) if i == 0 else 0.0,
+                                                  computed_by=r.get("computed_by", {}) if i == 0 else None))
                     bar.advance()
             del lm, runner
     return results, ppl_results
@@ -374,6 +380,8 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
                "figures": figures, "elapsed_s": time.time() - started,
                # the whole comparison's evaluation time, summed over its parts (whichever run computed them)
                "compute_s": sum(r.seconds for r in results + ppl_results),
+               # which code computed the parts: more than one where a resumed run spans code changes
+               "parts_computed_by": computed_by(results + ppl_results),
                "provenance": provenance(seed=spec.seed, device=spec.device, model_fingerprints=plan.fingerprints)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -532,6 +540,17 @@ def at_equal_flops(rows: list[dict]) -> None:
             v = math.exp(v) if lower else v
             r["dense_at_flops"] = v
             r["vs_dense"] = v - r[metric] if lower else r[metric] - v  # positive: better than dense, either way
+
+
+def computed_by(results: list[Result]) -> list[dict]:
+    """Each distinct code version (git commit, versions) that computed some of the parts, with how many: more than
+    one where a resumed run spans a code change; parts saved before this record existed count as unknown."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.computed_by is not None:  # a perplexity part's rows share one record, on the first
+            key = json.dumps(r.computed_by, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    return [{**(json.loads(k) or {"git_commit": "unknown"}), "parts": n} for k, n in counts.items()]
 
 
 def document_set(task: str) -> str:
