@@ -30,6 +30,7 @@ def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, len_ptr, y_ptr, last_ptr, ckpt_ptr,
     L, D, N, n_seg,
     HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SEG: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * L * D passes 2**31 at large batches
     pid_d = tl.program_id(1)
@@ -46,8 +47,9 @@ def _scan_fwd_kernel(
     rowN = pid_b * L * N
     ckpt_base = ckpt_ptr + pid_b * n_seg * D * N + d[:, None] * N + n[None, :]
     for t in range(0, length):
-        if t % SEG == 0:
-            tl.store(ckpt_base + (t // SEG) * D * N, h, mask=dn_mask)
+        if STORE_CKPT:  # only the backward reads them: inference skips the (b, l / SEG, D, N) buffer
+            if t % SEG == 0:
+                tl.store(ckpt_base + (t // SEG) * D * N, h, mask=dn_mask)
         dt = tl.load(dt_ptr + row + t * D + d, mask=dmask, other=0.0)
         u = tl.load(u_ptr + row + t * D + d, mask=dmask, other=0.0)
         Bt = tl.load(B_ptr + rowN + t * N + n, mask=nmask, other=0.0)
@@ -147,10 +149,11 @@ def selective_scan_fwd(u, dt, A, B, C, D_skip=None, lengths=None, return_checkpo
     n_seg = max(1, triton.cdiv(l, SEG))
     y = torch.zeros(b, l, D, device=u.device)
     last = torch.empty(b, D, N, device=u.device)
-    ckpt = torch.empty(b, n_seg, D, N, device=u.device)
+    ckpt = torch.empty(b, n_seg, D, N, device=u.device) if return_checkpoints else torch.empty(1, device=u.device)
     grid = (b, triton.cdiv(D, BLOCK_D))
     _scan_fwd_kernel[grid](u, dt, A, B, C, Dk, lengths, y, last, ckpt, l, D, N, n_seg,
-                           HAS_D=D_skip is not None, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SEG=SEG)
+                           HAS_D=D_skip is not None, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SEG=SEG,
+                           STORE_CKPT=return_checkpoints)
     return (y, last, ckpt) if return_checkpoints else (y, last)
 
 
