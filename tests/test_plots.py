@@ -188,6 +188,16 @@ def test_rows_without_a_value_are_skipped_not_fatal(tmp_path):
     assert is_png(tmp_path / "x.png")
 
 
+def test_a_criterion_without_a_number_stays_in_the_legend(tmp_path, figures):
+    rows = compare_rows()
+    for r in rows:
+        if r["criterion"] == "recent":
+            r[r["metric"]] = None
+    drawn = plots.plot_flops_accuracy(rows, tmp_path / "n.png")
+    assert "recent" not in drawn["criteria"] and drawn["no_data"] == ["recent"]
+    assert "recent (no data)" in [t.get_text() for t in figures[-1].legends[0].get_texts()]
+
+
 def test_ppl_context_error_bars_from_the_windows(tmp_path, figures):
     rows = ppl_rows()
     out = tmp_path / "ppl_context.png"
@@ -227,3 +237,29 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatc
     with pytest.raises(OSError):
         plots.plot_flops_accuracy(compare_rows(criteria=["simba"]), out)
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["flops_accuracy.png"]
+
+
+def test_passkey_heat_maps_say_how_many_documents_each_cell_holds(tmp_path, figures):
+    cells = ((256, 0.0, 1.0, 1), (256, 1.0, 0.5, 2), (512, 0.0, 0.0, 3))
+    rows = [{"task": "simba_passkey_exact", "setting": s, "length": n, "depth": d, "acc": a, "docs": k}
+            for s in ("dense", "simba 0.1") for n, d, a, k in cells]
+    plots.plot_passkey_heatmaps(rows, tmp_path / "p.png")
+    assert is_png(tmp_path / "p.png")
+    texts = [t.get_text() for ax in figures[-1].axes for t in ax.texts]
+    assert texts.count("1.00\nn=1") == 2 and texts.count("0.50\nn=2") == 2 and texts.count("0.00\nn=3") == 2
+    assert len(texts) == 6  # the empty cell (512 tokens, depth 1) has no text: not a 0
+
+
+def test_training_plot_names_what_each_curve_measures(tmp_path, figures):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 3.0, "answer_loss": 3.0}\n{"step": 2, "loss": 9.0, "answer_loss": 2.5}\n'
+                   '{"step": 2, "val_loss": 5.0}\n')
+    plots.plot_training(log, tmp_path / "loss.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["training objective (recall mix: see the recipe)", "recall answers' loss (train)",
+                      "held-out cross-entropy, every token"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"step": 1, "loss": 3.0}\n{"step": 1, "val_loss": 3.2}\n')
+    plots.plot_training(plain, tmp_path / "plain.png")
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == \
+        ["train loss", "held-out cross-entropy, every token"]

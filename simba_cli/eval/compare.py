@@ -361,8 +361,10 @@ def finish(plan: Plan, out: Path, results: list[Result], ppl_results: list[Resul
         write_tables(pooled, out / "pooled", notes=POOLED_NOTES.format(subject=subject))
     figures = {}
     if rows:
-        plot_flops_accuracy(rows, out / "flops_accuracy.png")
+        drawn = plot_flops_accuracy(rows, out / "flops_accuracy.png")
         figures["flops_accuracy"] = "flops_accuracy.png"
+        if drawn["skipped"]:  # rows with no number to draw (a metric lm-eval did not report, say)
+            figures["flops_accuracy_not_drawn"] = [list(x) for x in drawn["skipped"]]
     if ppl_rows:
         plot_ppl_context(ppl_rows, out / "ppl_context.png")
         figures["ppl_context"] = "ppl_context.png"

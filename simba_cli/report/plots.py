@@ -45,15 +45,22 @@ def _save(fig, path: Path):
 
 
 def plot_training(log_path: Path, out_path: Path, title: str = ""):
-    """Training loss and held-out loss against step, from a train_log.jsonl."""
+    """The training objective and the held-out loss against step, from a train_log.jsonl; with a recall mix also
+    the recall answers' own loss. The objective is what the optimiser minimised: with a recall mix, the answers'
+    loss alone during the lead, then the other tokens' mean plus answer_loss times the answers' (so it is not
+    comparable with the held-out cross-entropy, and is labelled so)."""
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    answers = [(r["step"], r["answer_loss"]) for r in rows if _num(r.get("answer_loss")) is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+        label = "training objective (recall mix: see the recipe)" if answers else "train loss"
+        ax.plot(*zip(*train), label=label, alpha=0.7)
+    if answers:
+        ax.plot(*zip(*answers), label="recall answers' loss (train)", alpha=0.7)
     if val:
-        ax.plot(*zip(*val), "o-", label="held-out loss")
+        ax.plot(*zip(*val), "o-", label="held-out cross-entropy, every token")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
@@ -334,7 +341,8 @@ def plot_flops_accuracy(rows: list[dict], out_path: Path) -> dict:
                 + [(_handle(colors[m], lw=2.5), m) for m in models],
                 [(_handle("0.3", styles[c][0], styles[c][1], lw=1.5 if c == "simba" else 0.9,
                           ms=8 if c == "simba" else 6, mfc=None if c == "simba" else "white"),
-                  c) for c in used]]
+                  c if c in used else f"{c} (no data)") for c in criteria]]  # a criterion of the run is never
+    drawn["no_data"] = [c for c in criteria if c not in used]  # left out silently
     notes = []
     if drawn["matched"]:
         notes.append((_handle("black", "o", ls="none", ms=13, mfc="none"),
@@ -468,9 +476,13 @@ def plot_passkey_heatmaps(rows: list[dict], out_path: Path, title: str = "") -> 
                 if r["task"] == task and r["setting"] == setting:
                     grid[depths.index(r["depth"]), lengths.index(r["length"])] = r.get("acc", np.nan)
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            docs = np.zeros((len(depths), len(lengths)), dtype=int)
+            for r in rows:
+                if r["task"] == task and r["setting"] == setting:
+                    docs[depths.index(r["depth"]), lengths.index(r["length"])] = r.get("docs", 0)
             for (y, x), v in np.ndenumerate(grid):
-                if not np.isnan(v):
-                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                if not np.isnan(v):  # the value, and how many documents it rests on (often one or two)
+                    ax.text(x, y, f"{v:.2f}\nn={docs[y, x]}", ha="center", va="center", fontsize=5.5,
                             color="white" if v < 0.6 else "black")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if j == 0 else [], fontsize=7)
