@@ -162,6 +162,9 @@ def flops_report_cmd(
     from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
     from simba_cli.simba.settings import DENSE
 
+    if format == "csv" and per_layer and out is None:  # two tables with different columns are not one CSV
+        raise UserError("--format csv prints one table; with --per-layer give --format json or md, or --out DIR "
+                        "(flops.csv and layers.csv)")
     if out is not None:
         from simba_cli.outdir import check_out
 
@@ -179,7 +182,9 @@ def flops_report_cmd(
         typer.echo(json.dumps({"models": rows, "layers": layers}, indent=2))
     else:
         _emit(rows, format, title=f"FLOPs per {seq_len}-token sequence (logits at {head} positions)")
-        if per_layer:
+        if per_layer and format == "csv":
+            typer.echo(f"the per-layer table: {out}/layers.csv", err=True)
+        elif per_layer:
             _emit(layers, format, title="per layer")
     if out is not None:
         from simba_cli.outdir import atomic_directory
@@ -211,7 +216,8 @@ def flops_match_cmd(
     if json_out:
         typer.echo(json.dumps(m.to_dict(), indent=2))
     else:
-        typer.echo(f"final_keep = {m.final_keep:.6f}: {m.message()}" if m.reachable else m.message())
+        matched = m.reachable and not m.unneeded
+        typer.echo(f"final_keep = {m.final_keep:.6f}: {m.message()}" if matched else m.message())
     if not m.reachable:
         raise typer.Exit(1)
 

@@ -485,3 +485,33 @@ def test_eval_measured_counts_the_perplexity_forwards(model_dir):
                        prune={"schedule": "linear", "final_keep": 0.5})
     assert r["measured"]["forwards"] == 4  # two batches of windows at each of two contexts
     assert r["measured"]["flops"] == sum(row["flops"] for row in r["perplexity"])
+
+
+def test_compare_refuses_a_model_or_task_listed_twice(tmp_path):
+    """Listed twice, a model would be evaluated twice and its comparisons counted twice in the pooled z."""
+    for args, words in ((["--models", "zoo-xxxs,zoo-xxxs"], "models lists zoo-xxxs more than once"),
+                        (["--models", "zoo-xxxs", "--tasks", "simba_choice,simba_choice"], "tasks lists simba_choice")):
+        _one_line_error(CliRunner().invoke(app, ["compare", *args, "--out", str(tmp_path / "o")]), words)
+        assert not (tmp_path / "o").exists()
+
+
+def test_finetune_refuses_a_model_section_beside_a_model_to_continue(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {d_model: 16, n_layer: 2}\ndata: {source: shakespeare, seq_len: 32}\ntrain: {steps: 1}\n")
+    _one_line_error(CliRunner().invoke(app, ["finetune", str(model_dir), "--recipe", str(recipe), "--out",
+                                             str(tmp_path / "run")]), "model section", "MODEL")
+    assert not (tmp_path / "run").exists()
+
+
+def test_flops_match_says_when_no_pruning_is_needed():
+    r = CliRunner().invoke(app, ["flops-match", "mamba-130m", "--target", "mamba-370m"])
+    assert r.exit_code == 0 and r.output.startswith("no pruning needed: mamba-130m dense already costs"), r.output
+
+
+def test_flops_report_csv_is_one_table(tmp_path):
+    _one_line_error(CliRunner().invoke(app, ["flops-report", "mamba-130m", "--per-layer", "--format", "csv"]),
+                    "--format csv prints one table")
+    r = CliRunner().invoke(app, ["flops-report", "mamba-130m", "--per-layer", "--format", "csv", "--out",
+                                 str(tmp_path / "f")])
+    assert r.exit_code == 0 and len({ln.count(",") for ln in r.stdout.strip().splitlines()}) == 1, r.stdout
+    assert (tmp_path / "f" / "layers.csv").is_file()

@@ -76,6 +76,11 @@ class CompareSpec:
                 raise UserError("no models to compare: the zoo is empty (train it with `make zoo`); give --models")
         if not self.tasks and not self.ppl_contexts:
             raise UserError("compare needs tasks or perplexity contexts")
+        for name, values in (("models", self.models), ("tasks", self.tasks), ("criteria", self.criteria),
+                             ("final_keeps", self.final_keeps), ("ppl_contexts", self.ppl_contexts)):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:  # each would be evaluated and paired twice, its comparisons counted twice in the pooled z
+                raise UserError(f"{name} lists {', '.join(twice)} more than once; give each once")
         if not self.criteria:
             raise UserError("compare needs at least one criterion (the first is compared with the others)")
         for c in [*self.criteria, *self.ppl_criteria]:

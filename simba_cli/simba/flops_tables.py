@@ -92,7 +92,16 @@ class Match:
     def ratio(self) -> float:
         return self.flops / self.target_flops
 
+    @property
+    def unneeded(self) -> bool:
+        """The model costs less than the target dense: there is nothing to match."""
+        return self.reachable and self.final_keep >= 1 and self.ratio < 1
+
     def message(self) -> str:
+        if self.unneeded:
+            return (f"no pruning needed: {self.big} dense already costs {self.ratio:.4f}x {self.target} dense "
+                    f"({self.flops / 1e9:.4g} against {self.target_flops / 1e9:.4g} GFLOPs per {self.seq_len}-token "
+                    f"sequence); pruning only makes it cheaper")
         if self.reachable:
             return (f"{self.big} with {self.config.describe()} costs {self.flops / 1e9:.4g} GFLOPs per "
                     f"{self.seq_len}-token sequence, {self.ratio:.4f}x {self.target} dense "

@@ -174,6 +174,9 @@ def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int
 
 def _start_model(recipe: Recipe, init_from: str | None, device):
     """(model, tokenizer, prune_from_artifact) for a run: a given model, or a new one from the recipe."""
+    if init_from and recipe.model is not None:  # the run record would describe a model that was not trained
+        raise UserError(f"recipe {recipe.name!r} has a model section (a model to train from scratch) and a MODEL to "
+                        f"continue was given too; drop the recipe's model section, or the MODEL argument")
     if init_from:
         from simba_cli.simba.artifact import load_any
 
