@@ -148,8 +148,14 @@ def flops_report_cmd(
                                                             "mamba2-130m ... mamba2-2.7b), zoo names, directories "
                                                             "or artifacts; default: the official Mamba family")]
     = None,
-    schedule: Schedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1, stages: Stages = 4,
-    criterion: Criterion = "simba", seq_len: SeqLen = 2048, head: Head = "all",
+    schedule: Annotated[str | None, typer.Option(help="linear (default), cosine, constant, step, truncate or none; "
+                                                     "an artifact's own unless given")] = None,
+    final_keep: Annotated[float | None, typer.Option(help="Share of the tokens entering the last layer "
+                                                          "(default 0.1)")] = None,
+    first_layer: Annotated[int | None, typer.Option(help="First layer that sees fewer tokens (default 1)")] = None,
+    stages: Annotated[int | None, typer.Option(help="Steps of the step schedule (default 4)")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba)")] = None,
+    seq_len: SeqLen = 2048, head: Head = "all",
     per_layer: Annotated[bool, typer.Option(help="Also a per-layer table")] = False,
     format: Format = "table",
     out: Annotated[Path | None, typer.Option(help="Also write flops.csv/.md/.json (and layers.*) and "
@@ -160,7 +166,7 @@ def flops_report_cmd(
     from simba_cli.models.config import OFFICIAL
     from simba_cli.report.tables import write_tables
     from simba_cli.simba.flops_tables import layer_rows, model_config, summary_row
-    from simba_cli.simba.settings import DENSE
+    from simba_cli.simba.settings import DENSE, PruneConfig
 
     if format == "csv" and per_layer and out is None:  # two tables with different columns are not one CSV
         raise UserError("--format csv prints one table; with --per-layer give --format json or md, or --out DIR "
@@ -169,12 +175,14 @@ def flops_report_cmd(
         from simba_cli.outdir import check_out
 
         check_out(out, "report.json", "flops-report", overwrite=overwrite, resumable=False)
-    requested = _prune_config(schedule, final_keep, first_layer, stages, criterion)
+    given = _prune_overrides(schedule, final_keep, first_layer, stages, criterion)
+    requested = PruneConfig(**given)
     rows, layers, prune_of = [], [], {}
     for name in models or list(OFFICIAL):
         cfg, artifact = model_config(name)
-        prune_of[name] = (artifact or requested).to_dict()  # an artifact's own settings, not the options'
-        for config in (DENSE, artifact or requested):
+        pruned = requested if artifact is None else artifact.override(**given)  # an artifact's own, but the options
+        prune_of[name] = pruned.to_dict()
+        for config in (DENSE, pruned):
             rows.append(summary_row(name, cfg, config, seq_len, head))
             if per_layer and config is not DENSE:
                 layers += layer_rows(name, cfg, config, seq_len, head)
@@ -205,14 +213,22 @@ def flops_match_cmd(
     big: Annotated[str, typer.Argument(help="The model to prune (official size such as mamba-370m or "
                                             "mamba2-370m, zoo name, directory)")],
     target: Annotated[str, typer.Option(help="The dense model whose FLOPs to match")],
-    seq_len: SeqLen = 2048, schedule: Schedule = "linear", first_layer: FirstLayer = 1, stages: Stages = 4,
-    criterion: Criterion = "simba", head: Head = "all",
+    seq_len: SeqLen = 2048,
+    schedule: Annotated[str | None, typer.Option(help="linear (default), cosine, constant, step or truncate; an "
+                                                     "artifact's own unless given")] = None,
+    first_layer: Annotated[int | None, typer.Option(help="First layer that sees fewer tokens (default 1)")] = None,
+    stages: Annotated[int | None, typer.Option(help="Steps of the step schedule (default 4)")] = None,
+    criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba)")] = None, head: Head = "all",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ):
     """Find the final_keep at which BIG with Simba costs what TARGET costs dense."""
-    from simba_cli.simba.flops_tables import match_final_keep
+    from simba_cli.simba.flops_tables import match_final_keep, model_config
+    from simba_cli.simba.settings import PruneConfig
 
-    m = match_final_keep(big, target, seq_len, _prune_config(schedule, 0.1, first_layer, stages, criterion), head)
+    given = _prune_overrides(schedule, None, first_layer, stages, criterion)
+    artifact = model_config(big)[1]  # a pruned artifact is matched with its own schedule, but the options given
+    base = PruneConfig(**given) if artifact is None else artifact.override(**given)
+    m = match_final_keep(big, target, seq_len, base, head)
     if json_out:
         typer.echo(json.dumps(m.to_dict(), indent=2))
     else:

@@ -31,6 +31,10 @@ def one_line_error(r, *words):
         assert w in lines[0]
 
 
+def body_prune(artifact) -> dict:
+    return yaml.safe_load((artifact / "simba.yaml").read_text())["prune"]
+
+
 def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
     out = tmp_path / "pruned"
     r = run("prune", model_dir, "--final-keep", "0.25", "--criterion", "simba-abs", "--out", out, "--seq-len", 64)
@@ -46,10 +50,19 @@ def test_prune_writes_a_loadable_self_describing_artifact(model_dir, tmp_path):
 
     loaded, config = load_any(str(out), with_tokenizer=False)
     assert config.final_keep == 0.25 and loaded.model.cfg.n_layer == 4
-    # flops-report on the artifact computes and records the artifact's own settings, not the options'
-    assert run("flops-report", out, "--final-keep", "0.5", "--out", tmp_path / "report").exit_code == 0
+    # flops-report on the artifact: its own settings, with the options given on top (as eval), and records them
+    assert run("flops-report", out, "--out", tmp_path / "report").exit_code == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["settings"]["prune"][str(out)]["final_keep"] == 0.25
+    assert report["settings"]["prune"][str(out)]["criterion"] == "simba-abs"
+    assert run("flops-report", out, "--final-keep", "0.5", "--out", tmp_path / "report", "--overwrite").exit_code == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["prune"][str(out)] == {**body_prune(out), "final_keep": 0.5}
+    # flops-match matches an artifact with its own schedule
+    step = tmp_path / "step"
+    assert run("prune", model_dir, "--schedule", "step", "--stages", 2, "--out", step).exit_code == 0
+    matched = json.loads(run("flops-match", step, "--target", model_dir, "--json").output)
+    assert matched["config"]["schedule"] == "step" and matched["config"]["stages"] == 2
     # never overwritten without being asked
     one_line_error(run("prune", model_dir, "--out", out), "--overwrite")
     assert run("prune", model_dir, "--out", out, "--overwrite", "--final-keep", 0.5).exit_code == 0
