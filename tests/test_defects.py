@@ -476,6 +476,12 @@ def test_datasets_with_their_own_splits_read_test_for_evaluation(tmp_path, monke
     (files / "test.jsonl").unlink()
     with pytest.raises(UserError, match="no 'test' split"):
         load_texts(f"hf:{files}", "evaluation")
+    # a single saved Dataset is split here, like a folder of files: disjoint parts, every document in one
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(40)]}).save_to_disk(str(single))
+    parts = {split: load_texts(str(single), split) for split in splits}
+    assert [len(p) for p in parts.values()] == [36, 2, 2]
+    assert set().union(*map(set, parts.values())) == {f"document {i}" for i in range(40)}
 
 
 def test_eval_measured_counts_the_perplexity_forwards(model_dir):

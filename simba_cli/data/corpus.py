@@ -233,16 +233,21 @@ def _jsonl(path: Path, text_field: str) -> list[str]:
 
 
 def _saved_dataset(path: Path, split: str, text_field: str) -> list[str]:
+    """A dataset saved with `datasets`: a DatasetDict gives its own split; a single Dataset is split here, by
+    `held_out`, as any other source (never the same documents for training and evaluation)."""
     import datasets
 
     ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        name = next((s for s in (split, DATASET_SPLIT[split]) if s in ds), None)
-        if name is None:
-            raise UserError(f"{path} has no {DATASET_SPLIT[split]!r} split (it has {list(ds)}); save the dataset "
-                            f"with one, or as a single Dataset that simba splits itself")
-        ds = ds[name]
-    return _column(ds, text_field, str(path))
+    if not isinstance(ds, datasets.DatasetDict):
+        part = held_out(_column(ds, text_field, str(path)), split)
+        if not part:
+            raise UserError(f"{path} is too small to hold out a {split} split ({HELD_OUT:.0%} of it); give more text")
+        return part
+    name = next((s for s in (split, DATASET_SPLIT[split]) if s in ds), None)
+    if name is None:
+        raise UserError(f"{path} has no {DATASET_SPLIT[split]!r} split (it has {list(ds)}); save the dataset "
+                        f"with one, or as a single Dataset that simba splits itself")
+    return _column(ds[name], text_field, str(path))
 
 
 def _hf_dataset(name: str, split: str, text_field: str) -> list[str]:
