@@ -264,6 +264,22 @@ def test_data_without_splits_is_split_deterministically_and_held_out(tmp_path):
     records = tmp_path / "r.jsonl"
     records.write_text("".join(json.dumps({"body": f"record {i}", "id": i}) + "\n" for i in range(20)))
     assert len(load_texts(str(records), "train", "body")) == 18 and load_texts(str(records), "evaluation", "body")
+    # a document copied many times (web data): every copy on one side, whichever split it lands in
+    import hashlib
+
+    from simba_cli.data.corpus import held_out
+
+    rank = lambda t: hashlib.sha256(t.encode()).hexdigest()  # noqa: E731  (the order held_out ranks texts by)
+    docs = [f"doc {i}" for i in range(40)]
+    first = min(map(rank, docs))
+    copied = next(t for t in (f"copied text {j}" for j in range(10000)) if rank(t) < first)  # ranked first:
+    docs += [copied] * 10  # its copies would fill validation, evaluation and train if ranked one by one
+    parts = {s: held_out(docs, s) for s in SPLITS}
+    for a_split in SPLITS:
+        for b_split in SPLITS:
+            if a_split != b_split:
+                assert not set(parts[a_split]) & set(parts[b_split]), (a_split, b_split)
+    assert sorted(sum(parts.values(), [])) == sorted(docs)
 
 
 def test_the_zoo_is_a_ladder_of_at_most_1_5x_steps():

@@ -160,16 +160,16 @@ def read_text(path: Path) -> str:
 def held_out(docs: list[str], split: str) -> list[str]:
     """One split of documents that have none, deterministically.
 
-    With at least 20 documents, whole documents: ranked by a hash of their text, the first 5% are
-    validation, the next 5% evaluation, the rest train (kept in their original order). With fewer (a
-    single file, say), every document is cut at line boundaries: its first 90% is train, then 5%
-    validation, then 5% evaluation.
+    With at least 20 documents, whole documents: the distinct texts ranked by a hash of their text, the first 5%
+    are validation, the next 5% evaluation, the rest train; every copy of a text goes where the text goes (so a
+    duplicated document never sits on both sides), in the original order. With fewer (a single file, say), every
+    document is cut at line boundaries: its first 90% is train, then 5% validation, then 5% evaluation.
     """
     if len(docs) >= _SPLIT_BY_DOCUMENT:
-        order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].encode()).hexdigest())
-        k = max(1, round(HELD_OUT * len(docs)))
-        chosen = {"validation": order[:k], "evaluation": order[k:2 * k], "train": order[2 * k:]}[split]
-        return [docs[i] for i in sorted(chosen)]
+        texts = sorted(set(docs), key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+        k = max(1, round(HELD_OUT * len(texts)))
+        chosen = set({"validation": texts[:k], "evaluation": texts[k:2 * k], "train": texts[2 * k:]}[split])
+        return [d for d in docs if d in chosen]
     out = []
     for doc in docs:
         a, b = _cut(doc, 1 - 2 * HELD_OUT), _cut(doc, 1 - HELD_OUT)
