@@ -221,3 +221,11 @@ def test_variant_flops_count_simba_passes():
     assert criterion_flops_per_token(cfg, "simba-window:8:max") == 8 * simba
     assert criterion_flops_per_token(cfg, "simba-split:0.3") == simba
     assert criterion_flops_per_token(cfg, "simba-channels") == simba + 2 * cfg.d_inner
+    # Mamba-2 runs the window's mean position by position too (no closed form there): W passes
+    from simba_cli.models.mamba2_config import Mamba2Config
+
+    ssd = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=8, head_dim=8, n_groups=2)
+    one = criterion_flops_per_token(ssd, "simba")
+    assert one == 2 * 2 * 8 + 4 * ssd.n_heads + 2 * ssd.d_inner
+    for spec in ("simba-window:6:mean", "simba-window:6:max"):
+        assert criterion_flops_per_token(ssd, spec) == 6 * one

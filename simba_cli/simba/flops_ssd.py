@@ -27,13 +27,15 @@ Per token scored by a criterion, at the layer whose scan quantities it reads:
     simba*      2 G N + 4 H + 2 D    C_T . B_t per group; per head the running sum of dt, A S, and the two
                                      products (C_T . B_t) exp(A S) dt; per channel times x, and the max
     dt-norm     2 H                  output-norm  2 d                 random, uniform, recent  0
+    simba-window (mean or max) runs that pass once per window position here (`criteria_beyond`): up to W passes,
+    where Mamba-1's mean has a closed form of one
 Per position whose logits are computed: the final norm 4 d and the LM head 2 d V.
 """
 
 from __future__ import annotations
 
 from simba_cli.models.mamba2 import Mamba2Config
-from simba_cli.simba.criteria_beyond import cost_factor
+from simba_cli.simba.criteria_beyond import cost_factor, parse_variant
 
 
 def _official(d_model: int, n_layer: int) -> Mamba2Config:
@@ -77,6 +79,9 @@ def criterion_flops_per_token_ssd(cfg: Mamba2Config, criterion: str = "simba", p
     if criterion.startswith("simba"):
         extra = 2 * cfg.n_heads if criterion.startswith("simba-channels") else 0  # the decay sums
         one_pass = 2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner
+        variant = parse_variant(criterion)
+        if passes is None and variant is not None and variant.base == "simba-window":
+            passes = variant.window  # the mean too runs position by position on Mamba-2 (at most W of them)
         return (passes or cost_factor(criterion)) * one_pass + extra
     return {"dt-norm": 2 * cfg.n_heads, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 
