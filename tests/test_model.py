@@ -281,3 +281,16 @@ def test_hub_downloads_fetch_one_weight_format(tmp_path, monkeypatch):
     asked.clear()
     hub.resolve("org/bin")  # no safetensors: then the .bin files, and only the model's
     assert asked[1] == hub.BIN_FILES and "training_args.bin" not in asked[1]
+
+
+def test_a_saved_mamba2_stops_at_the_end_of_text_in_transformers(tmp_path):
+    """The HF export names the end-of-text token (0, as for Mamba-1): transformers' defaults (2 and 1) would never
+    stop a generation."""
+    from transformers import Mamba2ForCausalLM
+
+    from tests.conftest import tiny_model_of
+
+    directory = save_checkpoint(tiny_model_of("mamba2", n_layer=2), tmp_path / "m2", fmt="hf")
+    theirs = Mamba2ForCausalLM.from_pretrained(str(directory))
+    assert (theirs.config.eos_token_id, theirs.config.pad_token_id, theirs.config.bos_token_id) == (0, 0, 0)
+    assert theirs.generation_config.eos_token_id == 0

@@ -120,6 +120,11 @@ class Mamba2Config:
             "time_step_limit": [v if math.isfinite(v) else {"__float__": str(v).replace("inf", "Infinity")}
                                 for v in self.dt_limit],
             "hidden_act": "silu",
+            # the end-of-text token of the zoo's tokenizer and of GPT-NeoX's, as the Mamba-1 export writes them
+            # (transformers' defaults, 2 and 1, would never stop a generation)
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
         }
 
     # --- mamba-ssm's config.json (state-spaces/mamba2-*) -----------------------------------------

@@ -159,6 +159,7 @@ def held_out_recall(model, sets: dict[str, list], device) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
 def evaluate_loss(model, windows: torch.Tensor, loss_fn: LossFn, batch_size: int, device) -> float:
     was_training = model.training
     model.eval()
@@ -325,13 +326,7 @@ def train(run: Run, progress: bool = True) -> TrainState:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        rng = state["rng"]  # one state, or one per process of a data-parallel run
-        per_process = isinstance(rng, list) and len(rng) == dd.world
-        torch.set_rng_state(rng[dd.rank] if per_process else rng[0] if isinstance(rng, list) else rng)
-        if not per_process and dd.world > 1:  # resumed with another number of processes: masks of their own
-            torch.manual_seed(recipe.train.seed + PROCESS_SEED_STRIDE * dd.rank + state["step"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        _restore_rng(state, dd, device, recipe.train.seed)
         at = TrainState(state["step"], state["elapsed"], state["tokens_seen"], state.get("loss", float("nan")),
                         checkpoint_step=state["step"])
         if dd.main:
@@ -349,12 +344,10 @@ def train(run: Run, progress: bool = True) -> TrainState:
             log.flush()
 
     def checkpoint_now():
-        rng_states = dd.all_gather(torch.get_rng_state())  # every process's (their dropout masks differ)
-        rng_states = rng_states[0] if dd.world == 1 else rng_states
+        cpu_rng, cuda_rng = _rng_states(dd, device)
         if dd.main:
             ckpt.save(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "sampler": sampler.state_dict(), "rng": rng_states,
-                            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "sampler": sampler.state_dict(), "rng": cpu_rng, "cuda_rng": cuda_rng,
                             "step": at.step, "elapsed": at.elapsed, "tokens_seen": at.tokens_seen,
                             "loss": at.loss})
         at.checkpoint_step = at.step
@@ -456,6 +449,30 @@ def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None
     run = setup(recipe, Path(out), init_from, resume, overwrite, device)
     prepare_out(run)
     return finish(run, train(run, progress))
+
+
+def _rng_states(dd: Dist, device) -> tuple:
+    """(CPU, CUDA or None) random states for a checkpoint: one process's, or a list with every process's (their
+    dropout masks differ, on the CPU and on the GPU)."""
+    cpu = dd.all_gather(torch.get_rng_state())
+    cuda = dd.all_gather(torch.cuda.get_rng_state(device).cpu()) if device.type == "cuda" else None
+    if dd.world == 1:
+        return cpu[0], None if cuda is None else cuda[0]
+    return cpu, cuda
+
+
+def _restore_rng(state: dict, dd: Dist, device, seed: int):
+    """This process's random states from a checkpoint. Resumed with another number of processes than wrote it,
+    each process seeds masks of its own instead."""
+    def mine(saved):
+        return saved[dd.rank] if isinstance(saved, list) and len(saved) == dd.world else \
+            saved[0] if isinstance(saved, list) else saved
+
+    torch.set_rng_state(mine(state["rng"]))
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(mine(state["cuda_rng"]), device)
+    if dd.world > 1 and not (isinstance(state["rng"], list) and len(state["rng"]) == dd.world):
+        torch.manual_seed(seed + PROCESS_SEED_STRIDE * dd.rank + state["step"])
 
 
 def _mean_over_processes(loss: torch.Tensor, world: int) -> float:
