@@ -22,6 +22,13 @@ from simba_cli.errors import UserError
 MAMBA_SSM_NORM_EPS = 1e-5
 
 
+def check_mamba_ssm_norm_eps(eps: float):
+    """mamba-ssm's config.json cannot say another norm epsilon: refuse to write one it would not honour."""
+    if eps != MAMBA_SSM_NORM_EPS:
+        raise UserError(f"mamba-ssm's config.json cannot hold norm epsilon {eps:g} (its norms always use 1e-5); "
+                        f"save this model in hf format")
+
+
 @dataclass(frozen=True)
 class MambaConfig:
     d_model: int
@@ -86,9 +93,7 @@ class MambaConfig:
         if self.bcdt_rms:
             raise UserError("mamba-ssm's config.json has no Falcon-Mamba variant (norms on dt, B, C); save this "
                             "model in hf format")
-        if self.norm_eps != MAMBA_SSM_NORM_EPS:
-            raise UserError(f"mamba-ssm's config.json cannot hold norm epsilon {self.norm_eps:g} (its norms always use "
-                            f"1e-5); save this model in hf format")
+        check_mamba_ssm_norm_eps(self.norm_eps)
         if self.d_inner != self.expand * self.d_model:
             raise UserError(f"mamba-ssm's config.json cannot hold d_inner {self.d_inner} (it is always expand × "
                             f"d_model = {self.expand * self.d_model}); save this model in hf format")

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from simba_cli.errors import UserError
-from simba_cli.models.config import MAMBA_SSM_NORM_EPS, _pad_vocab
+from simba_cli.models.config import _pad_vocab, check_mamba_ssm_norm_eps
 
 # mamba-ssm's settings for a plain Mamba-2 LM, the one this package implements.
 _PLAIN_MAMBA_SSM = {"d_intermediate": 0, "attn_layer_idx": [], "rms_norm": True, "ssm_cfg.rmsnorm": True,
@@ -167,9 +167,7 @@ class Mamba2Config:
         return out
 
     def to_mamba_ssm(self) -> dict:
-        if self.norm_eps != MAMBA_SSM_NORM_EPS:
-            raise UserError(f"mamba-ssm's config.json cannot hold norm epsilon {self.norm_eps:g} (its norms always use "
-                            f"1e-5); save this model in hf format")
+        check_mamba_ssm_norm_eps(self.norm_eps)
         ssm = {"layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
                "headdim": self.head_dim, "ngroups": self.n_groups, "chunk_size": self.chunk_size,
                "conv_bias": self.conv_bias, "bias": self.bias}

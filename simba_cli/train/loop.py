@@ -275,7 +275,8 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
                           "mqar": whole.fixed("mqar", 32, seed=2, pairs=k),
                           "passkey_short": short.fixed("passkey", 32, seed=3),
                           "mqar_short": short.fixed("mqar", 32, seed=4, pairs=min(k, 4))}
-            shortest.fixed("passkey", 1, seed=0), shortest.fixed("mqar", 1, seed=0, pairs=1)
+            for kind in ("passkey", "mqar"):
+                shortest.fixed(kind, 1, seed=0, pairs=1)
         except ValueError:
             raise UserError(f"recall documents of {shortest.length} tokens cannot hold one fact and its question; "
                             f"raise data.recall.shortest (and data.seq_len)") from None
