@@ -109,7 +109,8 @@ def test_float32_inference_scan_uses_the_kernel_and_equals_the_recurrence(monkey
     single = [t.float() for t in (x, dt, A, B, C, D)]
     with torch.no_grad():
         got, got_state = ssd_scan_chunked(*single, chunk_size=4, return_final_state=True)
-    assert calls == [1] and 150 / 4 > 2 * mamba2.INFERENCE_CHUNKS_AT_ONCE and -(-150 // 4) % mamba2.INFERENCE_CHUNKS_AT_ONCE
+    at_once = mamba2.INFERENCE_CHUNKS_AT_ONCE
+    assert calls == [1] and 150 / 4 > 2 * at_once and -(-150 // 4) % at_once
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_state.double(), want_state, rtol=1e-4, atol=1e-4)
     y = ssd_scan_chunked(*[t.requires_grad_() for t in single], chunk_size=4)  # training: PyTorch's path
