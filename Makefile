@@ -1,5 +1,6 @@
-# Every target sets up what it needs on a fresh machine: a virtual environment in .venv with a CPU
-# build of torch (override TORCH_SPEC for a CUDA machine), the package, its test tools and the corpus.
+# Every target sets up what it needs on a fresh machine: a virtual environment in .venv with torch
+# (TORCH_SPEC: the build pip's index gives; the README says how to choose a CPU or CUDA one), the package,
+# its test tools and the corpus.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
