@@ -214,6 +214,59 @@ def test_the_window_max_counts_the_passes_it_ran():
     assert mx.flops.criterion[:2] == [3 * f for f in one.flops.criterion[:2]] and one.flops.criterion[0] > 0
 
 
+def test_mamba2_window_counts_the_positions_it_summed():
+    """On Mamba-2 the window's mean, like its max, runs one pass per window position: the caller's protected
+    positions (40 here, not W = 4) in the measured count; without protection the analytic count charges the
+    last W tokens, fewer where a layer has fewer than W, and equals the measured one."""
+    from simba_cli.simba.flops import analytic
+    from simba_cli.simba.pruned import pruned_forward
+    from simba_cli.simba.settings import PruneConfig
+    from tests.conftest import random_mamba2, tiny_mamba2_config
+
+    model = random_mamba2(tiny_mamba2_config(n_layer=6), seed=1)
+    ids = torch.randint(0, 64, (1, 100))
+    protected = torch.zeros(1, 100, dtype=torch.bool)
+    protected[0, 60:] = True
+    with torch.no_grad():
+        one = pruned_forward(model, ids, PruneConfig(final_keep=0.5, criterion="simba"), None, protected)
+        for reduce in ("mean", "max"):
+            run = pruned_forward(model, ids, PruneConfig(final_keep=0.5, criterion=f"simba-window:4:{reduce}"),
+                                 None, protected)
+            assert run.flops.criterion[:3] == [40 * f for f in one.flops.criterion[:3]] and one.flops.criterion[0]
+        short = torch.randint(0, 64, (1, 57))
+        for spec in ("simba-window:32:mean", "simba-window:32:max"):
+            config = PruneConfig(final_keep=0.2, criterion=spec)
+            measured = pruned_forward(model, short, config, None).flops
+            planned = analytic(model.cfg, 57, config.keep_ratios(6), spec)
+            assert measured.criterion == planned.criterion and measured.tokens_in[3:5] == [30, 21]
+
+
+def test_kept_tokens_do_not_depend_on_the_batch():
+    """A sequence keeps the same tokens alone and in a padded batch, for `uniform` beside caller-protected
+    positions off its grid, and where scores tie (the later token wins)."""
+    from simba_cli.simba.pruned import pruned_forward
+    from simba_cli.simba.settings import PruneConfig
+    from tests.conftest import random_mamba2, tiny_mamba2_config
+
+    model = random_mamba2(tiny_mamba2_config(n_layer=3), seed=3)
+    lengths = torch.tensor([45, 30, 7])
+    ids = torch.randint(0, 64, (3, 45), generator=torch.Generator().manual_seed(0))
+    protected = torch.zeros(3, 45, dtype=torch.bool)
+    protected[0, [3, 17, 18, 40, 44]] = protected[1, [2, 5, 11, 12, 29]] = True
+    protected[2, 6] = True
+    config = PruneConfig(final_keep=0.2, criterion="uniform")
+    with torch.no_grad():
+        batch = pruned_forward(model, ids, config, lengths, protected, trace=True)
+        alone = pruned_forward(model, ids[1:2, :30], config, None, protected[1:2, :30], trace=True)
+    for got, want in zip(batch.kept, alone.kept):
+        assert got[1][got[1] >= 0].tolist() == want[0][want[0] >= 0].tolist()
+    scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5, 0.0]])
+    for width in (6, 9):
+        padded = torch.nn.functional.pad(scores, (0, width - 6))
+        idx, _ = select(padded, torch.tensor([6]), torch.tensor([3]), torch.zeros(1, width, dtype=torch.bool))
+        assert idx.tolist() == [[1, 4, 5]]
+
+
 def test_variant_flops_count_simba_passes():
     cfg = tiny_config(d_model=16)
     simba = criterion_flops_per_token(cfg, "simba")

@@ -89,11 +89,15 @@ def check_baseline_scores(view):
     for criterion, want in by_hand.items():
         got = score(criterion, view)
         torch.testing.assert_close(got[real], want.float()[real])
+    protected = view.protected if view.protected is not None else torch.arange(l)[None, :] == lengths[:, None] - 1
     uniform = score("uniform", view)
     for i, (n, k) in enumerate(zip(lengths.tolist(), keep.tolist())):
-        chosen = set(torch.nonzero(uniform[i] == 1).flatten().tolist())
-        assert len(chosen) == k and n - 1 in chosen and 0 in chosen  # k evenly spaced, both ends included
-        gaps = torch.diff(torch.tensor(sorted(chosen)))
+        # beside the protected positions (which select keeps), k in all: evenly spaced over the rest, both ends
+        free = [p for p in range(n) if not protected[i, p]]
+        chosen = torch.nonzero(uniform[i] == 1).flatten().tolist()
+        assert len(chosen) == k - int(protected[i, :n].sum()) >= 2 and set(chosen) <= set(free)
+        assert chosen[0] == free[0] and chosen[-1] == free[-1]
+        gaps = torch.diff(torch.tensor([free.index(p) for p in chosen]))
         assert int(gaps.max()) - int(gaps.min()) <= 1
     first, again = score("random", view), score("random", view)
     assert torch.equal(first, again) and ((first[real] >= 0) & (first[real] < 1)).all()

@@ -170,12 +170,19 @@ def sequence_seeds(input_ids: torch.Tensor, lengths: torch.Tensor) -> list[int]:
     return [_seed_of(ids[i, :n].numpy().tobytes()) for i, n in enumerate(lengths.tolist())]
 
 
-def uniform_scores(lengths: torch.Tensor, keep: torch.Tensor, l: int) -> torch.Tensor:
-    """1 on `keep` evenly spaced positions of each sequence (always including its last), else 0."""
-    scores = torch.zeros(lengths.shape[0], l, device=lengths.device)
+def uniform_scores(lengths: torch.Tensor, keep: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """1 on evenly spaced positions of each sequence: as many as `keep` leaves beside its `protected` positions
+    ((b, l) bool; `select` keeps those whatever their score), spaced over the unprotected real positions, the
+    last of them included, so that exactly `keep` positions compete and no tie decides."""
+    b, l = protected.shape
+    pos = torch.arange(l, device=lengths.device)
+    scores = torch.zeros(b, l, device=lengths.device)
     for i, (n, k) in enumerate(zip(lengths.tolist(), keep.tolist())):
-        grid = torch.linspace(n - 1, 0, max(1, k), device=lengths.device).round().long()
-        scores[i, grid] = 1.0
+        real = pos < n
+        free = (real & ~protected[i]).nonzero().squeeze(1)
+        slots = min(k - int((real & protected[i]).sum()), free.numel())
+        if slots > 0:
+            scores[i, free[torch.linspace(free.numel() - 1, 0, slots, device=lengths.device).round().long()]] = 1.0
     return scores
 
 
@@ -184,10 +191,10 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
     lengths = view.lengths
     b, l = view.output.shape[:2]
     device = view.output.device
+    protected = view.protected
+    if protected is None:  # the last token alone
+        protected = torch.arange(l, device=device)[None, :] == lengths[:, None] - 1
     if parse_variant(criterion) is not None:
-        protected = view.protected
-        if protected is None:  # the last token alone
-            protected = torch.arange(l, device=device)[None, :] == lengths[:, None] - 1
         caller = view.caller_protected if view.caller_protected is not None else torch.zeros_like(lengths).bool()
         scores = variant_score(criterion, view.scan, lengths, view.keep, protected, caller)
     elif criterion.startswith("simba"):
@@ -200,7 +207,7 @@ def score(criterion: str, view: LayerView) -> torch.Tensor:
         seeds = [_seed_of(repr((view.seed, view.layer, r)).encode()) for r in rows]
         scores = torch.stack([torch.rand(l, generator=gen.manual_seed(s)) for s in seeds]).to(device)
     elif criterion == "uniform":
-        scores = uniform_scores(lengths, view.keep, l)
+        scores = uniform_scores(lengths, view.keep, protected)
     elif criterion == "recent":
         scores = torch.arange(l, device=device, dtype=torch.float32).expand(b, l).clone()
     elif criterion == "dt-norm":

@@ -106,13 +106,27 @@ def cost_factor(spec: str) -> int:
     return v.window if v is not None and v.base == "simba-window" and v.reduce == "max" else 1
 
 
-def passes_run(spec: str, lengths, protected, caller) -> int | None:
-    """The Simba passes the window's max really runs on a batch (the most window positions of any
-    sequence); None for every other criterion (their cost does not depend on the batch)."""
+def _runs_by_position(spec: str, ssd: bool) -> Variant | None:
+    """The window Variant whose cost is one Simba pass per window position: its max on either family, and its
+    mean on Mamba-2 (`_window_ssd` sums the positions one by one; Mamba-1's mean carries one sum in one pass)."""
     v = parse_variant(spec)
-    if v is None or v.base != "simba-window" or v.reduce != "max":
+    return v if v is not None and v.base == "simba-window" and (v.reduce == "max" or ssd) else None
+
+
+def passes_run(spec: str, lengths, protected, caller, ssd: bool = False) -> int | None:
+    """The Simba passes a window that runs by position (`_runs_by_position`) really runs on a batch: the most
+    window positions of any sequence (its last W tokens, or every protected position where the caller
+    protected some); None for every other criterion (their cost does not depend on the batch)."""
+    if _runs_by_position(spec, ssd) is None:
         return None
-    return int(window_mask(lengths, protected, caller, v.window).sum(1).max())
+    return int(window_mask(lengths, protected, caller, parse_variant(spec).window).sum(1).max())
+
+
+def passes_planned(spec: str, tokens: int, ssd: bool = False) -> int | None:
+    """`passes_run` for a layer of `tokens` tokens with no caller protection (the analytic count): the window's
+    last W tokens, fewer where fewer are left."""
+    v = _runs_by_position(spec, ssd)
+    return None if v is None else min(v.window, tokens)
 
 
 # --- the window ------------------------------------------------------------------------------------------

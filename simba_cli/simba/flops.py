@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from simba_cli.models.config import MambaConfig
 from simba_cli.models.mamba2 import Mamba2Config
 from simba_cli.simba import flops_ssd
-from simba_cli.simba.criteria_beyond import cost_factor
+from simba_cli.simba.criteria_beyond import cost_factor, passes_planned
 from simba_cli.simba.settings import mean_keep
 
 Config = MambaConfig | Mamba2Config
@@ -155,8 +155,9 @@ def analytic(cfg: Config, seq_len: int, keep_ratios: list[float] | None = None, 
     """
     ratios = keep_ratios if keep_ratios is not None else [1.0] * cfg.n_layer
     tokens = tokens_per_layer(ratios, seq_len, min_tokens)
-    crit = [count_criterion(cfg, criterion, tokens[i]) if i + 1 < len(tokens) and tokens[i + 1] < tokens[i] else 0
-            for i in range(len(tokens))]
+    ssd = isinstance(cfg, Mamba2Config)
+    crit = [count_criterion(cfg, criterion, t, passes_planned(criterion, t, ssd))
+            if i + 1 < len(tokens) and tokens[i + 1] < t else 0 for i, t in enumerate(tokens)]
     positions = seq_len if head_positions is None else head_positions
     return FlopsCount(tokens, [count_layer(cfg, t) for t in tokens], crit, count_head(cfg, positions), positions,
                       1, seq_len)

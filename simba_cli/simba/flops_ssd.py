@@ -81,7 +81,8 @@ def criterion_flops_per_token_ssd(cfg: Mamba2Config, criterion: str = "simba", p
         one_pass = 2 * cfg.n_groups * cfg.d_state + 4 * cfg.n_heads + 2 * cfg.d_inner
         variant = parse_variant(criterion)
         if passes is None and variant is not None and variant.base == "simba-window":
-            passes = variant.window  # the mean too runs position by position on Mamba-2 (at most W of them)
+            passes = variant.window  # the mean too runs position by position on Mamba-2 (W of them, or the
+            # protected positions: `criteria_beyond.passes_run` counts what ran)
         return (passes or cost_factor(criterion)) * one_pass + extra
     return {"dt-norm": 2 * cfg.n_heads, "output-norm": 2 * cfg.d_model}.get(criterion, 0)
 

@@ -29,6 +29,7 @@ import torch
 from simba_cli.errors import UserError
 from simba_cli.models.decode import DecodeState
 from simba_cli.models.mamba import BlockLM
+from simba_cli.models.mamba2_config import Mamba2Config
 from simba_cli.simba.criteria import LayerView, needs_scan, score, sequence_seeds
 from simba_cli.simba.criteria_beyond import passes_run
 from simba_cli.simba.flops import FlopsCount, count_criterion, count_head, count_layer
@@ -58,15 +59,18 @@ def budgets(ratios: list[float], lengths: torch.Tensor, n_protected: torch.Tenso
 def select(scores: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor, protected: torch.Tensor):
     """Indices (b, max keep) of the tokens to keep, in original order, and the new lengths.
 
-    Protected tokens always win; padding never does. Rows of shorter sequences are padded with index 0,
-    which lies past their new length and is never read as a real token.
+    Protected tokens always win; padding never does; between equal scores the later token wins (so a
+    sequence keeps the same tokens in any batch: `topk` breaks ties by its own order, which depends on the
+    padded width; and the ties that occur, far tokens whose decayed scores reach 0, order nearer first in
+    exact arithmetic). Rows of shorter sequences are padded with index 0, which lies past their new length and
+    is never read as a real token.
     """
     b, l = scores.shape
     valid = torch.arange(l, device=scores.device)[None, :] < lengths[:, None]
     s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~valid, float("-inf"))
     s = s.masked_fill(protected & valid, float("inf"))
     k_max = int(keep.max())
-    top = s.topk(k_max, dim=1).indices
+    top = l - 1 - s.flip(1).sort(dim=1, descending=True, stable=True).indices[:, :k_max]  # later first on ties
     chosen = torch.arange(k_max, device=s.device)[None, :] < keep[:, None]
     idx = torch.where(chosen, top, torch.full_like(top, l)).sort(dim=1).values
     return torch.where(idx == l, torch.zeros_like(idx), idx), keep
@@ -140,7 +144,7 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
             continue
         view = LayerView(out.scan, hidden, cur_len, keep[i + 1], i, config.seed, row_seeds, prot, caller_protected)
         scores = score(config.criterion, view)
-        passes = passes_run(config.criterion, cur_len, prot, caller_protected)
+        passes = passes_run(config.criterion, cur_len, prot, caller_protected, isinstance(cfg, Mamba2Config))
         crit_flops[-1] = count_criterion(cfg, config.criterion, n_tokens, passes)
         idx, new_len = select(scores, cur_len, keep[i + 1], prot)
         if config.mode == "exit":
