@@ -38,6 +38,22 @@ def test_scan_kernel_forward_and_backward(lengths, with_d):
         assert gD is None
 
 
+def test_scan_kernel_backward_sums_over_channel_blocks():
+    """130 channels: three programs of at most 64 channels a sequence, the last one partial; the gradients of
+    B and C are sums over those programs."""
+    x = inputs(l=12, d=130, n=4, seed=2)
+    lengths, D_skip = torch.tensor([12, 7]), torch.randn(130)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    y0, _ = selective_scan_fwd_reference(**leaves, D_skip=D_skip, lengths=lengths)
+    y, _ = selective_scan_fwd(**x, D_skip=D_skip, lengths=lengths)
+    torch.testing.assert_close(y, y0.detach(), rtol=RTOL, atol=ATOL)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    want = torch.autograd.grad((y0 * gy).sum(), list(leaves.values()))
+    got = selective_scan_bwd(gy, **x, D_skip=D_skip, lengths=lengths)[:5]
+    for name, g, w in zip(leaves, got, want):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 def test_simba_score_kernel(absolute, gated):

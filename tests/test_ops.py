@@ -40,12 +40,22 @@ def test_compiled_scan_matches_reference_with_gradients(backend, lengths, gate):
         assert y1[1, 20:].abs().max() == 0
 
 
-def test_scan_at_a_realistic_length():
-    """Long sequence, many channels: exercises chunking over channels and the backward's segment replay."""
+def test_scan_at_a_realistic_length(monkeypatch):
+    """Long sequence, many channels, forward and gradients: six chunks of 16 channels (whatever the core
+    count), whose gradients of B and C are summed, and the backward's segment replay."""
+    import simba_cli.ops.scan_cpu as scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "channel_chunks", lambda batch, channels: 16)
     x = scan_inputs(b=1, l=300, d=96, n=16, seed=1)
-    y0 = selective_scan(**x, delta_softplus=True, backend="ref")
-    y1 = selective_scan(**x, delta_softplus=True, backend="cpu")
-    torch.testing.assert_close(y1, y0, rtol=RTOL, atol=ATOL)
+    leaves = {k: v.requires_grad_() for k, v in x.items()}
+    weights = torch.randn(1, 300, 96, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for backend in ("ref", "cpu"):
+        y = selective_scan(**x, delta_softplus=True, backend=backend)
+        outs.append((y, torch.autograd.grad((y * weights).sum(), list(leaves.values()))))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=RTOL, atol=ATOL)
+    for name, got, want in zip(leaves, outs[1][1], outs[0][1]):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("silu", [True, False])
