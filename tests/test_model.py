@@ -29,15 +29,6 @@ def test_logits_equal_transformers(tmp_path, fmt):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_padding_does_not_change_real_tokens(tiny_model):
-    ids = torch.randint(0, 64, (2, 17))
-    lengths = torch.tensor([17, 9])
-    with torch.no_grad():
-        batched = tiny_model(ids, lengths)
-        alone = tiny_model(ids[1:, :9])
-    torch.testing.assert_close(batched[1, :9], alone[0], rtol=1e-5, atol=1e-5)
-
-
 def test_step_by_step_decoding_equals_parallel_forward(tiny_model):
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
@@ -69,6 +60,25 @@ def test_greedy_generate_matches_argmax_of_forward(tiny_model):
         for _ in range(5):
             seq = torch.cat([seq, tiny_model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(new, seq[:, 6:])
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+def test_greedy_generation_of_right_padded_prompts_equals_transformers(tmp_path, family):
+    """The oracle generates each prompt alone (it has no right padding); ours, the padded batch at once."""
+    from transformers import FalconMambaForCausalLM
+
+    oracle, directory = hf_oracle(tmp_path, MambaForCausalLM if family == "mamba" else FalconMambaForCausalLM)
+    ours = load_checkpoint(directory).eval()
+    lengths = torch.tensor([19, 7, 12])
+    ids = torch.randint(1, 64, (3, 19), generator=torch.Generator().manual_seed(4))
+    ids = torch.where(torch.arange(19)[None, :] < lengths[:, None], ids, 0)
+    new = generate(ours, ids, 10, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        prompt = ids[b:b + 1, :n]
+        with torch.no_grad():
+            want = oracle.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                   min_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert new[b].tolist() == want[0, n:].tolist()
 
 
 def test_missing_truncated_and_mismatched_checkpoints(tmp_path, tiny_model):
