@@ -69,17 +69,18 @@ def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_
                                                                                         family):
     """Layer l's state after a pruned, padded, batched prefill is its mixer's final state on the sequence
     entering it in the hand-built pruned computation of tests.test_simba (one sequence, no padding, the
-    tokens the trace says layer l kept); and a decoding step from that state is that computation with
-    the new token appended to every layer's tokens."""
+    tokens the trace says layer l kept); and each of four decoding steps from that state is that
+    computation with the new tokens so far appended to every layer's tokens."""
     model = tiny_model_of(family, n_layer=4)
     ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
     lengths = torch.tensor([30, 19])
-    nxt = torch.tensor([7, 11])
+    new = torch.tensor([[7, 3, 9, 1], [11, 2, 5, 8]])
     with torch.no_grad():
         out = pruned_forward(model, ids, PruneConfig(final_keep=0.2, criterion=criterion), lengths,
                              final_state=True, trace=True)
         # A step updates the state in place: step a copy, keep the prefill's own state to compare.
-        stepped = step(model, nxt, DecodeState([c.clone() for c in out.state.conv], [s.clone() for s in out.state.ssm]))
+        state = DecodeState([c.clone() for c in out.state.conv], [s.clone() for s in out.state.ssm])
+        stepped = [step(model, new[:, j], state) for j in range(4)]
     mixers = [block.mixer for block in model.layers]
     plain = [m.mix for m in mixers]
     for b, n in enumerate(lengths.tolist()):
@@ -98,11 +99,13 @@ def test_decode_state_after_a_pruned_prefill_is_each_layers_state_on_the_tokens_
                 ref = mix(seen[0], final_state=True)
             torch.testing.assert_close(out.state.conv[i][b], ref.conv_state[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.state.ssm[i][b], ref.ssm_state[0].float(), rtol=1e-5, atol=1e-5)
-        # The new token at position n is seen by every layer ("random": no choice to check for it).
-        longer = torch.cat([ids[b, :n], nxt[b:b + 1]])
-        with torch.no_grad():
-            ref_next = dense_on_gathered(model, longer, [torch.cat([k, torch.tensor([n])]) for k in kept], "random")
-        torch.testing.assert_close(stepped[b], ref_next[-1], rtol=1e-4, atol=1e-4)
+        # The new tokens at positions n, n + 1, ... are seen by every layer ("random": no choice to check).
+        for j in range(4):
+            longer = torch.cat([ids[b, :n], new[b, :j + 1]])
+            appended = [torch.cat([k, torch.arange(n, n + j + 1)]) for k in kept]
+            with torch.no_grad():
+                ref_next = dense_on_gathered(model, longer, appended, "random")
+            torch.testing.assert_close(stepped[j][b], ref_next[-1], rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_draws_from_the_filtered_softmax():
