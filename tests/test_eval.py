@@ -237,6 +237,22 @@ def test_generate_command_with_a_pruned_prefill(hf_dir):
     assert empty.exit_code == 2 and "prompt" in empty.output
 
 
+def test_generate_command_samples_by_its_seed(hf_dir):
+    """--temperature 0 is greedy whatever the seed; sampling gives the same text for the same --seed, and
+    (at temperature 2 over 24 tokens of a random model) another text for another seed."""
+    def text(*options):
+        r = CliRunner().invoke(app, ["generate", str(hf_dir), "--prompt", TEXT[1][:60], "--max-new-tokens", "24",
+                                     *options])
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    greedy = text()
+    assert text("--temperature", "0", "--seed", "5") == greedy
+    sampled = text("--temperature", "2", "--seed", "1")
+    assert text("--temperature", "2", "--seed", "1") == sampled
+    assert text("--temperature", "2", "--seed", "2") != sampled and sampled != greedy
+
+
 def test_few_shot_examples_are_the_same_in_every_run(hf_dir):
     """Paired differences between settings need the same prompts: lm-eval's few-shot sampler is seeded."""
     from simba_cli.eval.harness import run_tasks
