@@ -113,11 +113,10 @@ def test_tiny_compare_end_to_end_resumes_and_refuses_to_overwrite(tmp_path):
 
     tok = train_bpe(TEXT, 300)
     small = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=3), 1), tmp_path / "s", tokenizer=tok)
-    big = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4, d_model=48), 2), tmp_path / "b",
-                          tokenizer=tok)
+    big = save_checkpoint(random_model(tiny_config(vocab_size=304, n_layer=4), 2), tmp_path / "b", tokenizer=tok)
     recipe = tmp_path / "c.yaml"
     recipe.write_text(f"""models: [{small}, {big}]
-tasks: [simba_choice]
+tasks: [simba_choice, simba_passkey_exact]
 limit: 3
 final_keeps: [0.5]
 criteria: [simba, recent]
@@ -144,7 +143,27 @@ ppl_windows: 2
     row = {(r["model"], r["setting"], r["task"]): r for r in summary["rows"]}
     simba, cut = row[(str(big), "simba 0.5", "simba_choice")], row[(str(big), "truncate 0.75", "simba_choice")]
     assert cut["mean_keep"] == pytest.approx(simba["mean_keep"], abs=0.03)
-    assert cut["flops_per_doc"] == pytest.approx(simba["flops_per_doc"], rel=0.1)
+    # at the body cost of the recency baseline, which keeps as many tokens and computes no criterion either
+    recent = row[(str(big), "recent 0.5", "simba_choice")]
+    assert cut["flops_per_doc"] == pytest.approx(recent["flops_per_doc"], rel=2e-3)
+    assert cut["flops_per_doc"] < simba["flops_per_doc"]
+    # the big model pruned to the small one's FLOPs (final_keep 0.34 at 64 tokens): measured on the task's
+    # documents, Simba and truncate cost what the small model costs dense (within 2%), recent less
+    small_dense = row[(str(small), "dense", "simba_choice")]["flops_per_doc"]
+    matched = {r["criterion"]: r for r in summary["rows"] if r["matched"] == str(small) and r["task"] == "simba_choice"}
+    assert matched.keys() == {"simba", "recent", "truncate"} and all(r["model"] == str(big) for r in matched.values())
+    for criterion in ("simba", "truncate"):
+        assert matched[criterion]["flops_per_doc"] / small_dense == pytest.approx(1, abs=0.02), criterion
+    assert matched["recent"]["flops_per_doc"] < matched["simba"]["flops_per_doc"]
+    # the pass key by length and depth: each setting's cells hold its documents, and average to its accuracy
+    cells = json.loads((out / "breakdown.json").read_text())
+    assert cells == summary["breakdown"] and {c["task"] for c in cells} == {"simba_passkey_exact"}
+    for result in summary["rows"]:
+        if result["task"] == "simba_passkey_exact":
+            mine = [c for c in cells if (c["model"], c["setting"]) == (result["model"], result["setting"])]
+            assert mine and all({"length", "depth"} <= c.keys() for c in mine)
+            assert sum(c["docs"] for c in mine) == result["docs"] == 3
+            assert sum(c["acc"] * c["docs"] for c in mine) / 3 == pytest.approx(result["acc"])
     # every criterion of the run is drawn
     from simba_cli.report.plots import plot_flops_accuracy
 
