@@ -58,8 +58,22 @@ def atomic_directory(directory: Path):
 
 
 def check_not_file(out: Path):
-    if Path(out).exists() and not Path(out).is_dir():
+    """`out` is a directory, or one that can be created: checked before any work, by making (and removing) a
+    probe directory in its nearest existing ancestor."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory (it is created if needed)")
+    if out.is_dir():
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out} cannot be created: {parent} is a file; choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".simba-probe.", dir=parent))
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be created in {parent} ({e.strerror}); choose another --out") from None
 
 
 def check_out(out: Path, marker: str, command: str, overwrite: bool = False, resume: bool = False,

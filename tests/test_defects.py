@@ -190,7 +190,11 @@ def test_every_command_given_out_naming_a_file_exits_2_with_one_line(model_dir, 
                  ["compare", "--models", str(model_dir)], ["flops-report", "mamba-130m"],
                  ["finetune", str(model_dir), "--recipe", str(recipe)]):
         _one_line_error(CliRunner().invoke(app, [*args, "--out", str(a_file)]), "is a file")
-    assert a_file.read_text() == "a user's file"
+        # a directory that cannot be created (under the file): refused before any work, nothing left behind
+        _one_line_error(CliRunner().invoke(app, [*args, "--out", str(a_file / "sub" / "dir")]),
+                        f"cannot be created: {a_file} is a file")
+    assert a_file.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml",
+                                                                                                   "results.txt"]
 
 
 def test_eval_limit_must_be_positive(model_dir):
