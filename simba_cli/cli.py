@@ -242,7 +242,12 @@ def _prune_overrides(schedule, final_keep, first_layer, stages, criterion) -> di
     """Only what the user gave (`PruneConfig.override`): a pruned artifact's own schedule stays."""
     given = dict(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
                  criterion=criterion)
-    return {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None}
+    if schedule == "none" and len(given) > 1:
+        options = ", ".join(f"--{k.replace('_', '-')}" for k in given if k != "schedule")
+        raise UserError(f"--schedule none runs the dense model, so {options} would have no effect; drop "
+                        f"{'it' if len(given) == 2 else 'them'} or choose a schedule")
+    return given
 
 
 def _ints(text: str | None, name: str) -> list[int]:
@@ -365,8 +370,8 @@ def generate_cmd(
     prompt: Annotated[str, typer.Option(help="The prompt text")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens this likely (1: all)")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling (no effect at temperature 0)")] = 0,
     schedule: Annotated[str | None, typer.Option(help="Prune the prompt's prefill (none = dense)")] = None,
     final_keep: Annotated[float | None, typer.Option(help="Share of the prompt entering the last layer")] = None,
     criterion: Annotated[str | None, typer.Option(help="Token criterion (default simba): " + CRITERION_HELP)] = None,
@@ -378,7 +383,8 @@ def generate_cmd(
     runner = ModelRunner.load(model, device, **_prune_overrides(schedule, final_keep, None, None, criterion))
     typer.echo(runner.generate_text(prompt, max_new_tokens, temperature, top_p, seed))
     m = runner.measured()  # on stderr: what ran, without mixing into the text
-    typer.echo(f"prefill {runner.config.describe()}; {m.get('flops', 0):.4g} FLOPs measured", err=True)
+    typer.echo(f"prefill {runner.config.describe()}; {m.get('flops', 0):.4g} FLOPs measured for the prefill and "
+               f"the decoding steps together", err=True)
 
 
 @command("finetune")

@@ -525,3 +525,14 @@ def test_flops_report_csv_is_one_table(tmp_path):
                                  str(tmp_path / "f")])
     assert r.exit_code == 0 and len({ln.count(",") for ln in r.stdout.strip().splitlines()}) == 1, r.stdout
     assert (tmp_path / "f" / "layers.csv").is_file()
+
+
+def test_a_dense_schedule_with_pruning_options_is_refused(model_dir):
+    """--schedule none beside options that only a pruning schedule reads: refused, not silently dense."""
+    r = CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "simba_choice", "--schedule", "none",
+                                 "--final-keep", "0.3", "--criterion", "recent"])
+    _one_line_error(r, "--schedule none runs the dense model, so --final-keep, --criterion would have no effect")
+    from simba_cli.simba.settings import PruneConfig
+
+    assert PruneConfig("truncate", 0.5).describe() == "truncate(final_keep=0.5, first_layer=1)"  # no criterion
+    assert PruneConfig("linear", 0.5, criterion="recent").describe().endswith(") by recent")

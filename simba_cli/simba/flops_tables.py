@@ -125,7 +125,7 @@ def match_final_keep(big: str, target: str, seq_len: int = 2048, base: PruneConf
     what `target` costs dense, for one sequence of `seq_len` tokens."""
     base = base or PruneConfig()
     if base.schedule == "none":
-        raise UserError("flops-match needs a pruning schedule (linear, cosine, constant or step), not none")
+        raise UserError("flops-match needs a pruning schedule (linear, cosine, constant, step or truncate), not none")
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     big_cfg, _ = model_config(big)

@@ -82,8 +82,8 @@ class PruneConfig:
         if self.dense:
             return "none"
         extra = f", stages={self.stages}" if self.schedule == "step" else ""
-        return f"{self.schedule}(final_keep={self.final_keep:g}, first_layer={self.first_layer}{extra}) by " \
-               f"{self.criterion}"
+        by = "" if self.schedule == "truncate" else f" by {self.criterion}"  # truncate chooses no tokens
+        return f"{self.schedule}(final_keep={self.final_keep:g}, first_layer={self.first_layer}{extra}){by}"
 
     def label(self) -> str:
         """A compact name for tables: 'dense', 'simba 0.1' (the linear schedule from layer 1), else with
