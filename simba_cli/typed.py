@@ -16,6 +16,13 @@ import typing
 from simba_cli.errors import UserError
 
 
+def yaml_problem(error) -> str:
+    """A YAML parse error in one line, with where it is: 'expected ',' or '}', but got ':' (line 3, column 9)'."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def build(cls, raw, where: str, strings: bool = False):
     """An instance of dataclass `cls` from the mapping `raw`; `strings` also accepts '3' for 3, '0.1' for 0.1."""
     if not isinstance(raw, dict):

@@ -536,3 +536,13 @@ def test_a_dense_schedule_with_pruning_options_is_refused(model_dir):
 
     assert PruneConfig("truncate", 0.5).describe() == "truncate(final_keep=0.5, first_layer=1)"  # no criterion
     assert PruneConfig("linear", 0.5, criterion="recent").describe().endswith(") by recent")
+
+
+def test_a_recipe_that_is_not_yaml_names_the_line(model_dir, tmp_path):
+    """A YAML syntax error in a finetune or compare recipe: one line that says where, nothing written."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: shakespeare, seq_len: 32\ntrain: {steps: 1}\n")
+    for args in (["finetune", str(model_dir)], ["compare"]):
+        r = CliRunner().invoke(app, [*args, "--recipe", str(bad), "--out", str(tmp_path / "out")])
+        _one_line_error(r, "is not valid YAML: expected ',' or '}', but got ':' (line 2, column 6)")
+    assert not (tmp_path / "out").exists()

@@ -103,15 +103,17 @@ class CompareSpec:
 
     @classmethod
     def from_yaml(cls, path: Path) -> CompareSpec:
-        from simba_cli.typed import build
+        from simba_cli.typed import build, yaml_problem
 
         try:
             body = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"compare recipe {path} is not UTF-8 text; give a YAML file (see "
                             f"recipes/compare.yaml)") from None
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read compare recipe {path} ({e})") from e
+        except yaml.YAMLError as e:
+            raise UserError(f"compare recipe {path} is not valid YAML: {yaml_problem(e)}") from e
+        except OSError as e:
+            raise UserError(f"cannot read compare recipe {path} ({e.strerror})") from e
         if body is None:
             raise UserError(f"compare recipe {path} is empty; see recipes/compare.yaml for an example")
         return build(cls, body, f"compare recipe {path}")

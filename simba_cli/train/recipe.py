@@ -48,7 +48,7 @@ import yaml
 from simba_cli.data.longrange import RecallMix
 from simba_cli.errors import UserError
 from simba_cli.simba.settings import PruneConfig
-from simba_cli.typed import build
+from simba_cli.typed import build, yaml_problem
 
 FAMILIES = ("mamba", "mamba2")
 MAMBA2_ONLY = ("head_dim", "n_groups", "chunk_size")  # keys of Mamba2Config that Mamba-1 has no use for
@@ -205,13 +205,15 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; see recipes/ for examples")
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise UserError(f"recipe {path} does not exist{where}; give --recipe a YAML file (the repository's recipes/ "
+                        f"has examples)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"recipe {path} is not UTF-8 text; give a YAML file (see recipes/)") from None
     except yaml.YAMLError as e:
-        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UserError(f"recipe {path} is not valid YAML: {yaml_problem(e)}") from e
     if not raw:
         raise UserError(f"recipe {path} is empty; give at least its data and train sections (see recipes/)")
     if isinstance(raw, dict):
