@@ -546,3 +546,18 @@ def test_a_recipe_that_is_not_yaml_names_the_line(model_dir, tmp_path):
         r = CliRunner().invoke(app, [*args, "--recipe", str(bad), "--out", str(tmp_path / "out")])
         _one_line_error(r, "is not valid YAML: expected ',' or '}', but got ':' (line 2, column 6)")
     assert not (tmp_path / "out").exists()
+
+
+def test_perplexity_windows_may_not_score_a_token_twice():
+    """Windows end at evenly spaced positions; their scored tokens (the last score_last of each) must all differ,
+    or one token would count in several windows. 200 tokens hold 5 windows of 64 scoring 32 each, not 6."""
+    import torch
+
+    from simba_cli.eval.perplexity import check_stream
+
+    stream = torch.arange(200)
+    check_stream(stream, [32, 64], 5, 32)
+    check_stream(stream, [64], 136, 1)
+    with pytest.raises(UserError, match=r"too few for 6 windows of 64 that score different tokens \(the last 32 of "
+                                        r"each: 225 needed\)"):
+        check_stream(stream, [64], 6, 32)

@@ -217,7 +217,7 @@ def check_ppl_text(models: list[str], spec: CompareSpec):
         tokenizer = load_tokenizer(hub.resolve(read_artifact(name)[0] if is_artifact(name) else name))
         vocab = tuple(sorted(tokenizer.get_vocab().items()))
         if vocab not in checked:
-            check_stream(token_stream(tokenizer), spec.ppl_contexts, spec.ppl_windows,
+            check_stream(token_stream(tokenizer), spec.ppl_contexts, spec.ppl_windows, spec.ppl_score_last,
                          f"the evaluation text in {name}'s tokens")
             checked.add(vocab)
 

@@ -248,7 +248,7 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
     stream = None
     if ppl_contexts:  # the held-out text must hold every window, before any task runs
         stream = token_stream(runner.tokenizer, ppl_data)
-        check_stream(stream, ppl_contexts, ppl_windows, ppl_data)
+        check_stream(stream, ppl_contexts, ppl_windows, ppl_score_last, ppl_data)
     requests = count_requests(loaded, limit, num_fewshot)
     config = runner.config
     results = {"model": model, "prune": config.to_dict(), "setting": config.label(),

@@ -28,12 +28,19 @@ def token_stream(tokenizer, source: str = "shakespeare", split: str = "evaluatio
     return tokenize_documents(tokenizer, load_texts(source, split))
 
 
-def check_stream(stream: torch.Tensor, contexts: list[int], windows: int, source: str = "the held-out text"):
-    """A one-line error when the stream cannot hold `windows` windows of the longest context."""
+def check_stream(stream: torch.Tensor, contexts: list[int], windows: int, score_last: int,
+                 source: str = "the held-out text"):
+    """A one-line error when the stream cannot hold `windows` windows of the longest context whose scored
+    tokens (the last `score_last` of each) are all different: windows that share scored tokens would count
+    them twice and make the paired statistics over windows look surer than they are. Contexts may overlap."""
     longest = max(contexts)
-    if stream.numel() < longest + windows + 1:
-        raise UserError(f"{source} has {stream.numel()} held-out tokens, too few for {windows} windows of {longest}; "
-                        f"use shorter --ppl-contexts (ppl_contexts in a compare recipe) or more text")
+    need = longest + (windows - 1) * score_last + 1
+    if stream.numel() < need:
+        raise UserError(f"{source} has {stream.numel()} held-out tokens, too few for {windows} windows of {longest} "
+                        f"that score different tokens (the last {score_last} of each: {need} needed); use fewer "
+                        f"windows, shorter contexts or fewer scored tokens (--ppl-windows, --ppl-contexts, "
+                        f"--ppl-score-last; ppl_windows, ppl_contexts, ppl_score_last in a compare recipe), or more "
+                        f"text")
 
 
 def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
@@ -64,7 +71,7 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
 
     dist = dist or Dist()
     contexts = check_ppl_args(contexts, score_last, windows)
-    check_stream(stream, contexts, windows)
+    check_stream(stream, contexts, windows, score_last)
     longest = contexts[-1]
     ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
     config = dataclasses.replace(config, mode="protect")
