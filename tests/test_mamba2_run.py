@@ -265,6 +265,13 @@ def test_prune_eval_and_generate_a_local_mamba2(mamba2_dir, tmp_path):
     measured = res["tasks"]["simba_choice"]["measured"]
     assert len(measured["keep_ratios"]) == 4 and measured["keep_ratios"][-1] < 1
     assert res["perplexity"][0]["context"] == 48
+    # the weights that ran: the artifact's and its base model's fingerprints, and the held-out text's tokens
+    from simba_cli.provenance import model_fingerprint
+
+    assert res["provenance"]["base_model"] == str(mamba2_dir)
+    assert res["provenance"]["base_model_fingerprint"] == model_fingerprint(str(mamba2_dir))
+    assert res["provenance"]["model_fingerprint"] == model_fingerprint(str(out))
+    assert res["settings"]["ppl_stream"]["source"] == "shakespeare" and res["settings"]["ppl_stream"]["tokens"] > 48
     for args in ([], ["--final-keep", "0.5"]):
         r = run("generate", mamba2_dir, "--prompt", "To be, or not to be, that is", "--max-new-tokens", 4, *args)
         assert r.exit_code == 0 and r.stdout.strip() and "prefill" in r.stderr, r.output

@@ -226,7 +226,7 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
     from simba_cli.eval.lm import SimbaLM
     from simba_cli.eval.perplexity import check_ppl_args, check_stream, long_context_perplexity, token_stream
     from simba_cli.models.loading import resolve_device
-    from simba_cli.provenance import provenance
+    from simba_cli.provenance import model_fingerprint, provenance
     from simba_cli.report.progress import Bar
     from simba_cli.simba.runner import ModelRunner
 
@@ -255,7 +255,8 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
                "settings": {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "fewshot_seed": FEWSHOT_SEED,
                             "batch_size": batch_size, "task_mode": "protect: logits at the continuation only",
                             "ppl_contexts": ppl_contexts, "ppl_score_last": ppl_score_last,
-                            "ppl_windows": ppl_windows, "ppl_data": ppl_data if ppl_contexts else None},
+                            "ppl_windows": ppl_windows, "ppl_data": ppl_data if ppl_contexts else None,
+                            "ppl_stream": _stream_id(stream, ppl_data)},
                "tasks": {}}
     total = sum(requests.values()) + (len(ppl_contexts) * ppl_windows if ppl_contexts else 0)
     with Bar(progress and dd.main, total, "eval", unit="req") as bar:
@@ -273,8 +274,33 @@ def evaluate_model(model: str, tasks: list[str], limit: int | None = None, num_f
                                                             ppl_score_last, ppl_windows, batch_size, runner.device,
                                                             on_window=bar.advance_by, dist=dd, on_flops=runner.count)
     results["measured"] = runner.measured()  # every forward: the tasks' and the perplexity windows'
-    results["provenance"] = provenance(seed=config.seed, device=str(runner.device), world_size=dd.world)
+    results["provenance"] = provenance(seed=config.seed, device=str(runner.device), world_size=dd.world,
+                                       model_fingerprint=model_fingerprint(model), **_base_of(model))
     return results
+
+
+def _base_of(model: str) -> dict:
+    """A pruned artifact's base model and its fingerprint: the weights that ran."""
+    from simba_cli.provenance import model_fingerprint
+    from simba_cli.simba.artifact import is_artifact, read_artifact
+
+    if not is_artifact(model):
+        return {}
+    base = read_artifact(model)[0]
+    return {"base_model": base, "base_model_fingerprint": model_fingerprint(base)}
+
+
+def _stream_id(stream, source: str) -> dict | None:
+    """The held-out text the perplexity read, identified: where it came from (a path made absolute), its
+    tokens, and a hash of them."""
+    if stream is None:
+        return None
+    import hashlib
+    from pathlib import Path
+
+    where = str(Path(source).resolve()) if Path(source).exists() else source
+    digest = hashlib.sha256(stream.cpu().numpy().tobytes()).hexdigest()[:16]
+    return {"source": where, "tokens": int(stream.numel()), "sha256": digest}
 
 
 def result_rows(results: dict) -> list[dict]:
