@@ -561,3 +561,8 @@ def test_perplexity_windows_may_not_score_a_token_twice():
     with pytest.raises(UserError, match=r"too few for 6 windows of 64 that score different tokens \(the last 32 of "
                                         r"each: 225 needed\)"):
         check_stream(stream, [64], 6, 32)
+
+
+def test_flops_report_of_an_unknown_name_lists_the_official_sizes():
+    r = CliRunner().invoke(app, ["flops-report", "falcon-mamba-7b"])
+    _one_line_error(r, "no model 'falcon-mamba-7b'", "without weights: mamba-130m", "mamba2-2.7b")

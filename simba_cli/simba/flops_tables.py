@@ -41,7 +41,15 @@ def model_config(ref: str) -> tuple[Config, PruneConfig | None]:
         ref, prune, _ = read_artifact(ref)
     if (cfg := official(ref)) is not None:
         return cfg, prune
-    return read_config(resolve(ref))[0], prune
+    try:
+        return read_config(resolve(ref))[0], prune
+    except UserError as e:  # say which sizes need no weights at all
+        if not str(e).startswith("no model"):
+            raise
+        from simba_cli.models.config import OFFICIAL
+
+        sizes = ", ".join([*OFFICIAL, *OFFICIAL_MAMBA2])
+        raise UserError(f"{e} (flops-report and flops-match also take, without weights: {sizes})") from None
 
 
 def flops(cfg: Config, config: PruneConfig, seq_len: int, head: str = "all"):
