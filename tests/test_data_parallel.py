@@ -126,7 +126,7 @@ def test_compare_with_two_gloo_processes_equals_one(models, tmp_path):
     small, big = models
     recipe = tmp_path / "c.yaml"
     recipe.write_text(f"""models: [{small}, {big}]
-tasks: [simba_choice]
+tasks: [simba_choice, simba_passkey_exact]
 limit: 2
 final_keeps: [0.5]
 criteria: [simba, recent]
@@ -141,7 +141,7 @@ batch_size: 3
     args = ["compare", "--recipe", str(recipe), "--quiet"]
     a, b, two = one_and_two(args, tmp_path, "summary.json")
     assert_same(a, b)  # rows (metrics, FLOPs, keep ratios), paired differences, perplexity, breakdowns
-    assert all(row["flops_per_doc"] > 0 for row in b["rows"])
+    assert all(row["flops_per_doc"] > 0 for row in b["rows"]) and b["breakdown"]  # the pass key by length, depth
     parts = sorted(p.name for p in (tmp_path / "one" / "parts").iterdir())
     assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == parts
     for name in parts:
