@@ -81,7 +81,14 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(data_file, tmp
     assert split["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5)
     run_record = json.loads((tmp_path / "split" / "run.json").read_text())
     assert len(run_record["resumes"]) == 1 and run_record["resumes"][0]["git_commit"] == run_record["git_commit"]
-    # a resume from the final checkpoint (a kill during the export) keeps the last loss, not NaN
+    # a finished run resumed is left as it is: its metrics returned, nothing trained, evaluated or recorded again
+    finished = (tmp_path / "split" / "metrics.json").read_text()
+    assert loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", resume=True,
+                         progress=False) == json.loads(finished)
+    assert (tmp_path / "split" / "metrics.json").read_text() == finished
+    assert len(json.loads((tmp_path / "split" / "run.json").read_text())["resumes"]) == 1
+    # a resume from the final checkpoint (a kill during the export, before metrics.json) keeps the last loss
+    (tmp_path / "split" / "metrics.json").unlink()
     loop.finetune(tiny_recipe(data_file, dropout=0.1), tmp_path / "split", resume=True, progress=False)
     again = json.loads((tmp_path / "split" / "metrics.json").read_text())
     assert again["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5)

@@ -444,10 +444,13 @@ def finish(run: Run, at: TrainState) -> dict:
 def finetune(recipe: Recipe | str | Path, out: str | Path, init_from: str | None = None, resume: bool = False,
              overwrite: bool = False, device: str | None = None, progress: bool = True) -> dict:
     """Train per `recipe` into the run directory `out` (setup, prepare_out, train, finish); returns the final
-    metrics. --resume continues from the last checkpoint, or starts a run that had none yet again."""
+    metrics. --resume continues from the last checkpoint, or starts a run that had none yet again; a finished
+    run it leaves as it is and returns its metrics."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     run = setup(recipe, Path(out), init_from, resume, overwrite, device)
+    if run.resuming and (run.out / "metrics.json").is_file():  # finished (metrics.json is written last): as it is
+        return json.loads((run.out / "metrics.json").read_text())
     prepare_out(run)
     return finish(run, train(run, progress))
 
