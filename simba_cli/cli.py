@@ -101,6 +101,9 @@ Format = Annotated[str, typer.Option(help="table (terminal), json, csv or md, pr
 def _prune_config(schedule, final_keep, first_layer, stages, criterion, mode="exit"):
     from simba_cli.simba.settings import PruneConfig
 
+    if schedule == "none":
+        raise UserError("prune writes a pruned model: --schedule none would be the dense model itself (use it as it "
+                        "is), so give a schedule")
     return PruneConfig(schedule, final_keep, first_layer, stages, criterion, mode)
 
 
@@ -242,11 +245,10 @@ def _prune_overrides(schedule, final_keep, first_layer, stages, criterion) -> di
     """Only what the user gave (`PruneConfig.override`): a pruned artifact's own schedule stays."""
     given = dict(schedule=schedule, final_keep=final_keep, first_layer=first_layer, stages=stages,
                  criterion=criterion)
+    from simba_cli.simba.settings import check_dense_alone
+
     given = {k: v for k, v in given.items() if v is not None}
-    if schedule == "none" and len(given) > 1:
-        options = ", ".join(f"--{k.replace('_', '-')}" for k in given if k != "schedule")
-        raise UserError(f"--schedule none runs the dense model, so {options} would have no effect; drop "
-                        f"{'it' if len(given) == 2 else 'them'} or choose a schedule")
+    check_dense_alone(given, lambda key: "--" + key.replace("_", "-"))
     return given
 
 

@@ -60,15 +60,15 @@ def atomic_directory(directory: Path):
 def check_not_file(out: Path):
     """`out` is a directory, or one that can be created: checked before any work, by making (and removing) a
     probe directory in its nearest existing ancestor."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    out = Path(out)  # os.path's tests, not Path's: they say False where the system refuses to look
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file; give a directory (it is created if needed)")
-    if out.is_dir():
+    if os.path.isdir(out):
         return
     parent = out.absolute().parent
-    while not parent.exists():
+    while not os.path.exists(parent) and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir():
+    if not os.path.isdir(parent):
         raise UserError(f"--out {out} cannot be created: {parent} is a file; choose another --out")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".simba-probe.", dir=parent))

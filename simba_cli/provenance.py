@@ -42,16 +42,19 @@ def provenance(**extra) -> dict:
 
 def model_fingerprint(name: str) -> str:
     """A short fingerprint of a model's files, so that results computed from other weights under the same name
-    (a retrained zoo model, an updated directory) are never reused: for a zoo name or a local directory, a
-    hash of every file's name, size and first and last MiB (cheap on multi-GB checkpoints); for a hub id,
-    the id itself (its revision is what the hub cache holds). A pruned artifact's fingerprint includes its base
-    model's (the artifact directory may hold only simba.yaml)."""
+    (a retrained zoo model, an updated directory) are never reused: a hash of every file's name, size and
+    first and last MiB (cheap on multi-GB checkpoints) of the directory the model loads from (`hub.resolve`: a
+    local directory, a zoo model, or a hub id's snapshot in the hub cache, downloaded now if need be); the name
+    itself where there is none. A pruned artifact's fingerprint includes its base model's (the artifact
+    directory may hold only simba.yaml)."""
     import hashlib
 
-    from simba_cli.models import zoo
+    from simba_cli.errors import UserError
+    from simba_cli.models.hub import resolve
 
-    directory = zoo.path(name) or (Path(name) if Path(name).is_dir() else None)
-    if directory is None:
+    try:
+        directory = resolve(name)
+    except UserError:
         return name
     h = hashlib.sha256()
     for f in sorted(p for p in directory.rglob("*") if p.is_file()):

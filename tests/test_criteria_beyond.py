@@ -260,6 +260,10 @@ def test_kept_tokens_do_not_depend_on_the_batch():
         alone = pruned_forward(model, ids[1:2, :30], config, None, protected[1:2, :30], trace=True)
     for got, want in zip(batch.kept, alone.kept):
         assert got[1][got[1] >= 0].tolist() == want[0][want[0] >= 0].tolist()
+    # a NaN score ranks last among real tokens, never below padding
+    idx, _ = select(torch.tensor([[1.0, float("nan"), 2.0, float("nan"), 0.0, 0.0]]), torch.tensor([4]),
+                    torch.tensor([3]), torch.zeros(1, 6, dtype=torch.bool))
+    assert idx.tolist() == [[0, 2, 3]]
     scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5, 0.0]])
     for width in (6, 9):
         padded = torch.nn.functional.pad(scores, (0, width - 6))

@@ -532,6 +532,15 @@ def test_a_dense_schedule_with_pruning_options_is_refused(model_dir):
     r = CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", "simba_choice", "--schedule", "none",
                                  "--final-keep", "0.3", "--criterion", "recent"])
     _one_line_error(r, "--schedule none runs the dense model, so --final-keep, --criterion would have no effect")
+    dense_copy = model_dir.parent / "dense-copy"
+    _one_line_error(CliRunner().invoke(app, ["prune", str(model_dir), "--schedule", "none", "--out", str(dense_copy)]),
+                    "--schedule none would be the dense")
+    assert not dense_copy.exists()
+    from simba_cli.eval.lm import SimbaLM  # lm-eval's model arguments, spelt as lm-eval users write them
+
+    with pytest.raises(UserError, match="schedule none runs the dense model, so final_keep would have no effect"):
+        SimbaLM(pretrained=str(model_dir), schedule="none", final_keep="0.3")
+    assert SimbaLM(pretrained=str(model_dir), schedule="none").runner.config.dense
     from simba_cli.simba.settings import PruneConfig
 
     assert PruneConfig("truncate", 0.5).describe() == "truncate(final_keep=0.5, first_layer=1)"  # no criterion
@@ -566,3 +575,20 @@ def test_perplexity_windows_may_not_score_a_token_twice():
 def test_flops_report_of_an_unknown_name_lists_the_official_sizes():
     r = CliRunner().invoke(app, ["flops-report", "falcon-mamba-7b"])
     _one_line_error(r, "no model 'falcon-mamba-7b'", "without weights: mamba-130m", "mamba2-2.7b")
+
+
+def test_the_held_out_text_is_named_as_it_was_read(tmp_path, monkeypatch):
+    """The built-in corpus stays 'shakespeare' even beside a folder of that name; a user's path is made absolute,
+    ~ expanded."""
+    import torch
+
+    from simba_cli.eval.harness import _stream_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shakespeare").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    stream = torch.arange(10)
+    assert _stream_id(stream, "shakespeare")["source"] == "shakespeare"
+    assert _stream_id(stream, "~/books")["source"] == str(tmp_path / "books")
+    assert _stream_id(stream, "hf:org/set")["source"] == "hf:org/set" and _stream_id(None, "shakespeare") is None
+    assert _stream_id(stream, "x")["sha256"] != _stream_id(torch.arange(11), "x")["sha256"]

@@ -271,6 +271,14 @@ def test_hub_ids_load_from_the_hub_cache_offline(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
     with pytest.raises(UserError, match="not in the local hub cache"):
         load_model("simba-test/absent", with_tokenizer=False)
+    # a hub id's fingerprint is its cached snapshot's files: other weights under the same id, another one
+    from simba_cli.provenance import model_fingerprint
+
+    before = model_fingerprint("simba-test/tiny-hf")
+    assert before != "simba-test/tiny-hf" and model_fingerprint("simba-test/absent") == "simba-test/absent"
+    _fake_hub_repo(tmp_path / "other", "simba-test/tiny-hf", random_model(tiny_config(n_layer=2), seed=9), "hf")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "other"))
+    assert model_fingerprint("simba-test/tiny-hf") != before
 
 
 def test_hub_downloads_fetch_one_weight_format(tmp_path, monkeypatch):

@@ -298,7 +298,7 @@ def _stream_id(stream, source: str) -> dict | None:
     import hashlib
     from pathlib import Path
 
-    where = str(Path(source).resolve()) if Path(source).exists() else source
+    where = source if source == "shakespeare" or source.startswith("hf:") else str(Path(source).expanduser().resolve())
     digest = hashlib.sha256(stream.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"source": where, "tokens": int(stream.numel()), "sha256": digest}
 

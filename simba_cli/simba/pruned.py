@@ -67,7 +67,9 @@ def select(scores: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor, prot
     """
     b, l = scores.shape
     valid = torch.arange(l, device=scores.device)[None, :] < lengths[:, None]
-    s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    # a NaN score ranks last among real tokens (with a real -inf), above padding
+    lowest = torch.finfo(torch.float32).min
+    s = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest).masked_fill(~valid, float("-inf"))
     s = s.masked_fill(protected & valid, float("inf"))
     k_max = int(keep.max())
     top = l - 1 - s.flip(1).sort(dim=1, descending=True, stable=True).indices[:, :k_max]  # later first on ties

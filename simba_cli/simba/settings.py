@@ -25,6 +25,20 @@ from simba_cli.simba.schedule import SCHEDULES, keep_ratios
 MODES = ("exit", "protect")
 
 
+PRUNING_OPTIONS = ("final_keep", "first_layer", "stages", "criterion")  # what only a pruning schedule reads
+
+
+def check_dense_alone(given: dict, name=lambda key: key):
+    """A one-line error where schedule none (the dense model) comes with options only a pruning schedule reads:
+    they would have no effect, yet be recorded. `name` spells an option as the caller's user wrote it."""
+    if given.get("schedule") != "none":
+        return
+    extra = [name(k) for k in PRUNING_OPTIONS if given.get(k) is not None]
+    if extra:
+        raise UserError(f"{name('schedule')} none runs the dense model, so {', '.join(extra)} would have no "
+                        f"effect; drop {'it' if len(extra) == 1 else 'them'} or choose a schedule")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """How to prune: the schedule (kind, final_keep, first_layer, stages), the criterion, the output mode
@@ -68,6 +82,7 @@ class PruneConfig:
         """These settings with the options a user gave (None: not given). Any pruning option given to a
         dense model means the paper's linear schedule unless a schedule is given too."""
         given = {k: v for k, v in given.items() if v is not None}
+        check_dense_alone(given)
         start = PruneConfig() if self.dense and given and "schedule" not in given else self
         return dataclasses.replace(start, **given)
 
