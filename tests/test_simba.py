@@ -140,7 +140,9 @@ def test_one_prune_type_from_every_source():
     strings = {"final_keep": "0.3", "first_layer": "2", "criterion": "recent"}
     assert PruneConfig.from_mapping(strings, "model_args", strings=True) == want
     assert DENSE.override(final_keep=0.3, first_layer=2, criterion="recent", stages=None) == want  # implies linear
-    assert DENSE.override() == DENSE and DENSE.override(schedule="none", final_keep=0.5).dense
+    assert DENSE.override() == DENSE and want.override(schedule="none").dense
+    with pytest.raises(UserError, match="schedule none runs the dense model, so final_keep would have no effect"):
+        DENSE.override(schedule="none", final_keep=0.5)  # recorded, yet without effect: refused
     assert want.override(final_keep=0.1).first_layer == 2  # an artifact's own settings stay unless given
     assert want.label() == "recent 0.3 from 2" and DENSE.label() == "dense"
     assert want.key() != want.override(final_keep=0.1).key() and want.key() == want.override(mode="protect").key()
