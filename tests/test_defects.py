@@ -570,6 +570,10 @@ def test_perplexity_windows_may_not_score_a_token_twice():
     with pytest.raises(UserError, match=r"too few for 6 windows of 64 that score different tokens \(the last 32 of "
                                         r"each: 225 needed\)"):
         check_stream(stream, [64], 6, 32)
+    from simba_cli.eval.perplexity import window_ends
+
+    big = 2**25 + 3  # past float32's exact integers: the last window still ends at the last token
+    assert window_ends(big, 1024, 7)[-1] == big - 1 and window_ends(200, 64, 5) == [64, 97, 131, 165, 199]
 
 
 def test_flops_report_of_an_unknown_name_lists_the_official_sizes():

@@ -43,6 +43,12 @@ def check_stream(stream: torch.Tensor, contexts: list[int], windows: int, score_
                         f"text")
 
 
+def window_ends(tokens: int, longest: int, windows: int) -> list[int]:
+    """Where the windows end, evenly spaced from `longest` to the last token: in float64, whose integers stay
+    exact far past any text's length (float32's stop at 2^24 tokens)."""
+    return torch.linspace(longest, tokens - 1, windows, dtype=torch.float64).long().tolist()
+
+
 def check_ppl_args(contexts, score_last: int, windows: int) -> list[int]:
     """The context lengths, sorted; a one-line error for settings that cannot run."""
     contexts = sorted(int(c) for c in contexts)
@@ -73,7 +79,7 @@ def long_context_perplexity(model, stream: torch.Tensor, config: PruneConfig, co
     contexts = check_ppl_args(contexts, score_last, windows)
     check_stream(stream, contexts, windows, score_last)
     longest = contexts[-1]
-    ends = torch.linspace(longest, stream.numel() - 1, windows).long().tolist()  # window = [e - L, e)
+    ends = window_ends(stream.numel(), longest, windows)  # window = [e - L, e)
     config = dataclasses.replace(config, mode="protect")
     batches = [ends[s:s + batch_size] for s in range(0, len(ends), batch_size)]
     rows = []
