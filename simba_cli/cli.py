@@ -87,6 +87,8 @@ Model = Annotated[str, typer.Argument(help="A zoo name, a local checkpoint direc
 
 Schedule = Annotated[str, typer.Option(help="none, linear (the paper's), cosine, constant, step, or truncate "
                                              "(the dense model on the last tokens only)")]
+PruneSchedule = Annotated[str, typer.Option(help="linear (the paper's), cosine, constant, step, or truncate (the "
+                                                 "dense model on the last tokens only)")]
 FinalKeep = Annotated[float, typer.Option(help="Share of the input tokens entering the last layer, in (0, 1]")]
 FirstLayer = Annotated[int, typer.Option(help="First layer that sees fewer tokens (layer 0 sees all)")]
 Stages = Annotated[int, typer.Option(help="Number of steps of the step schedule")]
@@ -128,9 +130,11 @@ def _emit(rows: list[dict], fmt: str, title: str = ""):
 def prune_cmd(
     model: Model,
     out: Annotated[Path, typer.Option(help="Artifact directory to write (simba.yaml)")],
-    schedule: Schedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1, stages: Stages = 4,
-    criterion: Criterion = "simba",
-    mode: Annotated[str, typer.Option(help="exit: logits for every position; protect: protected ones only")] = "exit",
+    schedule: PruneSchedule = "linear", final_keep: FinalKeep = 0.1, first_layer: FirstLayer = 1,
+    stages: Stages = 4, criterion: Criterion = "simba",
+    mode: Annotated[str, typer.Option(help="exit: logits for every position; protect: protected ones only (sets "
+                                           "how the artifact's FLOPs count logits; eval and generate choose the "
+                                           "mode by request)")] = "exit",
     seq_len: SeqLen = 2048,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact in --out")] = False,
 ):

@@ -132,3 +132,24 @@ def test_sampling_draws_from_the_filtered_softmax():
     assert torch.equal(draws, sample_next(logits, 1.0, generator=gen()))
     hot = torch.bincount(sample_next(logits, 3.0, generator=gen()), minlength=5).float() / 4000
     assert hot[0] < freq[0] - 0.1  # a higher temperature flattens the distribution
+
+
+def test_generations_count_is_the_prefill_that_ran_and_one_token_a_step(monkeypatch):
+    """What generate reports: the pruned prefill's FLOPs as its forward measured them, plus every decoding step
+    (one token through every layer and the head) beside it."""
+    from simba_cli.models.loading import LoadedModel
+    from simba_cli.simba import pruned as pruned_module
+    from simba_cli.simba.flops import count_head, count_layer
+    from simba_cli.simba.runner import ModelRunner
+
+    model = random_model(tiny_config(n_layer=4)).eval()
+    tokenizer = type("Tok", (), {"eos_token_id": None})()
+    runner = ModelRunner(LoadedModel(model, tokenizer, "tiny", None, "hf"), PruneConfig(final_keep=0.3))
+    seen = []
+    real = pruned_module.pruned_forward
+    monkeypatch.setattr(pruned_module, "pruned_forward", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    ids = torch.randint(1, 64, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    new = runner.generate_ids(ids, 5)
+    assert len(new) == 5 and len(seen) == 1
+    steps = 4 * (model.cfg.n_layer * count_layer(model.cfg, 1) + count_head(model.cfg, 1))
+    assert runner.flops.total == seen[0].flops.total + steps

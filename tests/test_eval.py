@@ -170,6 +170,11 @@ def test_offline_lm_eval_run_and_results_schema(hf_dir, tmp_path):
     assert set(choice["metrics"]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert choice["docs"] == 3 and choice["flops_per_doc"] > 0
     assert len(choice["measured"]["keep_ratios"]) == 4 and choice["measured"]["keep_ratios"][0] == 1
+    m = choice["measured"]  # per layer too: each block, each layer's criterion (none on the last), the head
+    assert len(m["flops_per_layer"]) == len(m["criterion_flops_per_layer"]) == 4
+    assert sum(m["flops_per_layer"]) + sum(m["criterion_flops_per_layer"]) + m["head_flops"] == m["flops"]
+    assert m["criterion_flops_per_layer"][0] > 0 and m["criterion_flops_per_layer"][-1] == 0
+    assert m["flops_per_layer"][0] > m["flops_per_layer"][-1]  # the pruned layers see fewer tokens
     assert {"perplexity", "acc"} <= set(res["tasks"]["simba_cloze"]["metrics"])
     assert [p["context"] for p in res["perplexity"]] == [48, 64]
     assert res["provenance"]["versions"]["torch"]

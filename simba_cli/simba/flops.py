@@ -129,11 +129,13 @@ class FlopsCount:
         )
 
     def summary(self) -> dict:
-        """The measured record every result carries: FLOPs, per input token, and the keep ratios."""
+        """The measured record every result carries: FLOPs in total and per layer (each block's, each layer's
+        criterion's, the head's), per input token, and the keep ratios."""
         return {"flops": self.total, "flops_per_input_token": self.total / max(1, self.input_tokens),
                 "input_tokens": self.input_tokens, "head_positions": self.head_positions,
                 "keep_ratios": [round(r, 5) for r in self.keep_ratios], "tokens_per_layer": self.tokens_in,
-                "mean_keep": self.mean_keep}
+                "mean_keep": self.mean_keep, "flops_per_layer": self.layer, "criterion_flops_per_layer":
+                self.criterion, "head_flops": self.head}
 
     def to_dict(self) -> dict:
         d = asdict(self)

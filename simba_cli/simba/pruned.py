@@ -184,12 +184,15 @@ def pruned_forward(model: BlockLM, input_ids: torch.Tensor, config: PruneConfig 
     return PrunedOutput(logits, out_pos, out_valid, torch.stack(keep), flops, kept_trace or None, state)
 
 
-def pruned_prefill(config: PruneConfig):
-    """A prefill function for `models.decode.generate`: Simba-pruned prompt, then recurrent decoding."""
+def pruned_prefill(config: PruneConfig, on_flops=None):
+    """A prefill function for `models.decode.generate`: Simba-pruned prompt, then recurrent decoding;
+    `on_flops(FlopsCount)` is told what the prefill's forward measured."""
 
     def prefill(model: BlockLM, input_ids, lengths=None):
         protect_mode = dataclasses.replace(config, mode="protect")
         out = pruned_forward(model, input_ids, protect_mode, lengths, final_state=True)
+        if on_flops is not None:
+            on_flops(out.flops)
         # In protect mode without a protected set, the only logits row is each sequence's last token.
         return out.logits[:, 0], out.state
 

@@ -111,12 +111,17 @@ class ModelRunner:
 
         if not ids:
             raise UserError("the prompt is empty; give some text")
-        prefill_fn = prefill if self.config.dense else pruned_prefill(self.config)
+        measured = []  # a pruned prefill's FLOPs, as its forward counted them
+        prefill_fn = prefill if self.config.dense else pruned_prefill(self.config, on_flops=measured.append)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         new = generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens, prefill_fn=prefill_fn,
                        eos_token_id=self.eos_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=gen, stop=None if stop is None else lambda new: stop(new[0].tolist()))
-        self.count(generation_flops(self.model.cfg, self.config, len(ids), new.shape[1]))
+        cfg = self.model.cfg
+        count = generation_flops(cfg, self.config, len(ids), new.shape[1])  # a dense prefill: exact as counted
+        if measured:  # the decoding steps (one token through every layer each) beside the prefill that ran
+            count = count - generation_flops(cfg, self.config, len(ids), 1) + measured[0]
+        self.count(count)
         tokens = new[0].tolist()
         return tokens[:tokens.index(self.eos_token_id)] if self.eos_token_id in tokens else tokens
 
