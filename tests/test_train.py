@@ -369,3 +369,34 @@ def test_every_recipe_loads(path):
         assert load_recipe(path).train.steps > 0
     else:
         assert isinstance(CompareSpec.from_yaml(path), CompareSpec)
+
+
+def test_recipe_checks_protected_positions_and_recall_pairs(data_file, tmp_path):
+    """Protect mode's loss positions are never pruned: more of them than the last layer keeps (here in the
+    shortest recall rows) would leave nothing to prune; MQAR cannot ask more facts than there are keys."""
+    from simba_cli.data.longrange import KEYS
+    from simba_cli.errors import UserError
+
+    recipe = tiny_recipe(data_file, steps=2, protect_last=24)
+    recipe.prune = PruneConfig(final_keep=0.5, mode="protect")
+    with pytest.raises(UserError, match="its last layer keeps 16 token\\(s\\) but 24 are protected"):
+        loop.finetune(recipe, tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
+    body = {"name": "r", "model": {"d_model": 16, "n_layer": 2, "d_state": 4}, "tokenizer": {"vocab_size": 300},
+            "data": {"source": str(data_file), "seq_len": 32, "recall": {"pairs": [2, len(KEYS) + 1]}}}
+    with pytest.raises(UserError, match=f"data.recall.pairs: numbers in 1..{len(KEYS)}"):
+        recipe_from_dict(body)
+
+
+def test_answer_loss_is_logged_only_for_steps_with_answers(data_file, tmp_path):
+    """A step without recall answers logs no answer loss (null), not the last step's that had some."""
+    body = {"name": "r", "model": {"d_model": 16, "n_layer": 2, "d_state": 4}, "tokenizer": {"vocab_size": 300},
+            "data": {"source": str(data_file), "seq_len": 128, "val_tokens": 512,
+                     "recall": {"share": 0.25, "passkey": 1.0, "mqar": 0.0, "shortest": 128}},
+            "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+            "train": {"steps": 12, "batch_size": 2, "eval_every": 1000, "checkpoint_every": 100, "log_every": 1}}
+    loop.finetune(recipe_from_dict(body), tmp_path / "run", progress=False)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    answers = [r["answer_loss"] for r in logged if "loss" in r]
+    assert any(a is None for a in answers) and any(a is not None for a in answers), answers
+    assert all(a is None or a == a for a in answers)  # no NaN in the log

@@ -18,8 +18,11 @@ CHECKPOINT = "checkpoint.pt"
 
 def save(run_dir: Path, state: dict) -> Path:
     path = run_dir / CHECKPOINT
-    tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}")
-    torch.save(state, tmp)
+    tmp = path.with_name(f".{CHECKPOINT}.tmp")  # one name: a write killed midway is replaced by the next
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty checkpoint
     os.replace(tmp, path)  # atomic on POSIX: the old checkpoint stays until the new one is complete
     return path
 

@@ -73,7 +73,7 @@ class LossFn:
     def __init__(self, recipe: Recipe, world: int = 1):
         self.prune, self.protect_last = recipe.prune, recipe.train.protect_last
         self.world = world  # data parallel: the parts' means are over every process's tokens (see _split_ce)
-        self.answer_ce = float("nan")  # the last batch's mean loss on recall answers (for the log)
+        self.answer_ce = None  # this batch's mean loss on recall answers (for the log; None without answers)
 
     def __call__(self, model, batch: torch.Tensor, answers: torch.Tensor | None = None,
                  parts: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, int]:
@@ -115,8 +115,8 @@ class LossFn:
         for weight, chosen, count in zip(parts, chosen_parts, counts.tolist()):
             if weight and count > 0:
                 loss = loss + weight * ce[chosen].sum() * (self.world / count)
-        if bool(is_answer.any()):
-            self.answer_ce = float(ce[is_answer].detach().mean())
+        # this step's answers' mean loss, None on a step without answers (not the last step's that had some)
+        self.answer_ce = float(ce[is_answer].detach().mean()) if bool(is_answer.any()) else None
         return loss
 
 
@@ -255,6 +255,10 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     if recipe.prune is not None:  # the schedule against this model's layers, before --out is touched
         from simba_cli.simba.settings import check_seq_len
 
+        if recipe.prune.mode == "protect":  # the loss's positions, never pruned, also in the shortest rows
+            shortest = recipe.data.seq_len if recipe.data.recall is None else \
+                min(recipe.data.seq_len, recipe.data.recall.shortest)
+            check_seq_len(recipe.prune, model.cfg.n_layer, shortest, recipe.train.protect_last)
         check_seq_len(recipe.prune, model.cfg.n_layer, recipe.data.seq_len)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from simba_cli.data.longrange import RecallMix
+from simba_cli.data.longrange import KEYS, RecallMix
 from simba_cli.errors import UserError
 from simba_cli.simba.settings import PruneConfig
 from simba_cli.typed import build, yaml_problem
@@ -172,7 +172,8 @@ class Recipe:
                 (0 <= mix.share <= 1, "data.recall.share must be in [0, 1]"),
                 (mix.passkey >= 0 and mix.mqar >= 0 and mix.passkey + mix.mqar > 0,
                  "data.recall.passkey and .mqar are weights: not negative, not both 0"),
-                (bool(mix.pairs) and all(1 <= k <= 64 for k in mix.pairs), "data.recall.pairs: numbers in 1..64"),
+                (bool(mix.pairs) and all(1 <= k <= len(KEYS) for k in mix.pairs),
+                 f"data.recall.pairs: numbers in 1..{len(KEYS)} (the distinct keys there are)"),
                 (mix.answer_loss >= 0, "data.recall.answer_loss must be >= 0"),
                 (min(mix.lead_steps, mix.curriculum_from, mix.curriculum_steps) >= 0,
                  "data.recall.lead_steps, .curriculum_from and .curriculum_steps must be >= 0"),
