@@ -191,6 +191,8 @@ def test_a_pruned_finetune_reports_the_keep_ratios_its_forward_measured(data_fil
     seq = recipe.data.seq_len
     assert recipe.prune.keep_ratios(2)[-1] * seq < 16  # the schedule alone would keep fewer
     assert metrics["keep_ratios"][-1] == pytest.approx(16 / seq)
+    # val_loss averages the protected positions alone; the precision that ran on this CPU
+    assert metrics["val_scored_tokens"] == metrics["val_tokens"] // seq * 16 and metrics["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("change, words", [
@@ -372,14 +374,14 @@ def test_every_recipe_loads(path):
 
 
 def test_recipe_checks_protected_positions_and_recall_pairs(data_file, tmp_path):
-    """Protect mode's loss positions are never pruned: more of them than the last layer keeps (here in the
-    shortest recall rows) would leave nothing to prune; MQAR cannot ask more facts than there are keys."""
+    """Protect mode's loss positions are never pruned: as many as a row holds would leave nothing to prune (a
+    run recorded as pruned that pruned nothing); MQAR cannot ask more facts than there are keys."""
     from simba_cli.data.longrange import KEYS
     from simba_cli.errors import UserError
 
-    recipe = tiny_recipe(data_file, steps=2, protect_last=24)
+    recipe = tiny_recipe(data_file, steps=2, protect_last=32)
     recipe.prune = PruneConfig(final_keep=0.5, mode="protect")
-    with pytest.raises(UserError, match="its last layer keeps 16 token\\(s\\) but 24 are protected"):
+    with pytest.raises(UserError, match="train.protect_last 32 protects every position of the shortest rows"):
         loop.finetune(recipe, tmp_path / "p", progress=False)
     assert not (tmp_path / "p").exists()
     body = {"name": "r", "model": {"d_model": 16, "n_layer": 2, "d_state": 4}, "tokenizer": {"vocab_size": 300},

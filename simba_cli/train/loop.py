@@ -255,10 +255,13 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
     if recipe.prune is not None:  # the schedule against this model's layers, before --out is touched
         from simba_cli.simba.settings import check_seq_len
 
-        if recipe.prune.mode == "protect":  # the loss's positions, never pruned, also in the shortest rows
+        if recipe.prune.mode == "protect":  # the loss's positions are never pruned: some others must be left
             shortest = recipe.data.seq_len if recipe.data.recall is None else \
                 min(recipe.data.seq_len, recipe.data.recall.shortest)
-            check_seq_len(recipe.prune, model.cfg.n_layer, shortest, recipe.train.protect_last)
+            if recipe.train.protect_last >= shortest:
+                raise UserError(f"train.protect_last {recipe.train.protect_last} protects every position of the "
+                                f"shortest rows ({shortest} tokens: data.seq_len, data.recall.shortest), so nothing "
+                                f"would be pruned; lower it")
         check_seq_len(recipe.prune, model.cfg.n_layer, recipe.data.seq_len)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
@@ -339,7 +342,7 @@ def train(run: Run, progress: bool = True) -> TrainState:
     objective = Objective(model, run.loss_fn)
     if dd.world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
-    use_bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    use_bf16 = resolved_precision(recipe, device) == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     log = open(out / "train_log.jsonl", "a") if dd.main else None
 
@@ -413,6 +416,13 @@ def train(run: Run, progress: bool = True) -> TrainState:
     return at
 
 
+def resolved_precision(recipe: Recipe, device: torch.device) -> str:
+    """What train.precision means on this device: auto is bf16 autocast on CUDA, fp32 elsewhere."""
+    if recipe.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return recipe.train.precision
+
+
 def finish(run: Run, at: TrainState) -> dict:
     """Final held-out evaluation, the exported model, metrics.json (last: it marks a finished run), the plot."""
     recipe, model, out = run.recipe, run.model, run.out
@@ -424,9 +434,16 @@ def finish(run: Run, at: TrainState) -> dict:
             "flops_per_token": dense_flops_per_token(model.cfg), "steps": at.step, "tokens_seen": at.tokens_seen,
             "train_time_s": round(at.elapsed, 1), "final_train_loss": at.loss, "val_loss": val,
             "val_ppl": math.exp(val), "val_tokens": int(run.val_windows[:, 1:].numel()),
+            # the tokens val_loss averages over: in protect mode the last protect_last of each window
+            "val_scored_tokens": int(run.val_windows.shape[0] * min(recipe.train.protect_last,
+                                                                     run.val_windows.shape[1] - 1))
+            if recipe.prune is not None and recipe.prune.mode == "protect" else int(run.val_windows[:, 1:].numel()),
             "val_seq_len": recipe.data.seq_len, "pruned": recipe.prune is not None,
+            "precision": resolved_precision(recipe, run.device),
             **held_out_recall(model, run.val_recall, run.device),
         }
+        if run.val_recall:  # the recall accuracies are the dense model's, as the zoo cards report them
+            metrics["recall_forward"] = "dense"
         if recipe.prune is not None:  # measured: a held-out window through the pruned forward, as training runs it
             from simba_cli.simba.pruned import pruned_forward
 
