@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -453,8 +454,30 @@ def context_gain(gain: float | None, se: float | None) -> str:
 
 
 def main():
-    app()
+    """The `simba` command: usage errors (a missing argument, an unknown option or command, a value of the
+    wrong type) in one line, exit code 2, as every other bad input."""
+    try:  # newer typer carries its own copy of click
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+    abort = getattr(cx, "Abort", typer.Abort)
 
+    try:
+        code = app(standalone_mode=False)
+    except cx.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `simba` alone: its help
+            e.show()
+            sys.exit(0)
+        where = e.ctx.command_path if e.ctx is not None else "simba"
+        typer.echo(f"error: {e.format_message().rstrip('.')}; see {where} --help", err=True)
+        sys.exit(2)
+    except cx.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

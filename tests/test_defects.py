@@ -596,3 +596,22 @@ def test_the_held_out_text_is_named_as_it_was_read(tmp_path, monkeypatch):
     assert _stream_id(stream, "~/books")["source"] == str(tmp_path / "books")
     assert _stream_id(stream, "hf:org/set")["source"] == "hf:org/set" and _stream_id(None, "shakespeare") is None
     assert _stream_id(stream, "x")["sha256"] != _stream_id(torch.arange(11), "x")["sha256"]
+
+
+def test_usage_errors_are_one_line_too():
+    """The `simba` command itself (not only its functions): a missing option, a mistyped command or a value of the
+    wrong type is one line on stderr with exit code 2; the command alone prints its help."""
+    import subprocess
+    import sys
+
+    def simba(*args):
+        return subprocess.run([sys.executable, "-m", "simba_cli.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    for args, words in ((["prune", "zoo-xxxs"], "Missing option '--out'"), (["evall"], "No such command 'evall'"),
+                        (["eval", "zoo-xxxs", "--limit", "x"], "Invalid value for '--limit'")):
+        r = simba(*args)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r
+    alone = simba()
+    assert alone.returncode == 0 and "Usage" in alone.stdout + alone.stderr and "prune" in alone.stdout + alone.stderr
