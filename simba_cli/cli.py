@@ -465,17 +465,21 @@ def main():
     try:
         code = app(standalone_mode=False)
     except cx.UsageError as e:
-        if type(e).__name__ == "NoArgsIsHelpError":  # `simba` alone: its help
-            e.show()
+        if type(e).__name__ == "NoArgsIsHelpError":  # `simba` alone: its help (rich has printed it already)
+            if e.format_message().strip():
+                e.show()
             sys.exit(0)
-        where = e.ctx.command_path if e.ctx is not None else "simba"
-        typer.echo(f"error: {e.format_message().rstrip('.')}; see {where} --help", err=True)
+        if is_main_process():  # under torchrun every process meets it: one says it
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message().rstrip('.')}{hint}", err=True)
         sys.exit(2)
     except cx.ClickException as e:
-        typer.echo(f"error: {e.format_message()}", err=True)
+        if is_main_process():
+            typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except abort:
-        typer.echo("interrupted", err=True)
+        if is_main_process():
+            typer.echo("interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

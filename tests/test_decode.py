@@ -145,11 +145,14 @@ def test_generations_count_is_the_prefill_that_ran_and_one_token_a_step(monkeypa
     model = random_model(tiny_config(n_layer=4)).eval()
     tokenizer = type("Tok", (), {"eos_token_id": None})()
     runner = ModelRunner(LoadedModel(model, tokenizer, "tiny", None, "hf"), PruneConfig(final_keep=0.3))
-    seen = []
-    real = pruned_module.pruned_forward
+    from simba_cli.models import decode
+
+    seen, steps_run = [], []
+    real, real_step = pruned_module.pruned_forward, decode.step
     monkeypatch.setattr(pruned_module, "pruned_forward", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    monkeypatch.setattr(decode, "step", lambda *a, **k: steps_run.append(1) or real_step(*a, **k))
     ids = torch.randint(1, 64, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     new = runner.generate_ids(ids, 5)
-    assert len(new) == 5 and len(seen) == 1
+    assert len(new) == 5 and len(seen) == 1 and len(steps_run) == 4  # the 5th token needs no step after it
     steps = 4 * (model.cfg.n_layer * count_layer(model.cfg, 1) + count_head(model.cfg, 1))
     assert runner.flops.total == seen[0].flops.total + steps

@@ -376,7 +376,7 @@ def test_every_recipe_loads(path):
 def test_recipe_checks_protected_positions_and_recall_pairs(data_file, tmp_path):
     """Protect mode's loss positions are never pruned: as many as a row holds would leave nothing to prune (a
     run recorded as pruned that pruned nothing); MQAR cannot ask more facts than there are keys."""
-    from simba_cli.data.longrange import KEYS
+    from simba_cli.data.longrange import KEYS, RecallMix
     from simba_cli.errors import UserError
 
     recipe = tiny_recipe(data_file, steps=2, protect_last=32)
@@ -384,6 +384,15 @@ def test_recipe_checks_protected_positions_and_recall_pairs(data_file, tmp_path)
     with pytest.raises(UserError, match="train.protect_last 32 protects every position of the shortest rows"):
         loop.finetune(recipe, tmp_path / "p", progress=False)
     assert not (tmp_path / "p").exists()
+    # without a lead every row is data.seq_len long (short recall documents are packed): allowed
+    recipe = tiny_recipe(data_file, steps=1, protect_last=140)
+    recipe.data.seq_len = 160
+    recipe.data.recall = RecallMix(passkey=1.0, mqar=0.0, shortest=128)
+    recipe.prune = PruneConfig(final_keep=0.5, mode="protect")
+    loop.finetune(recipe, tmp_path / "no-lead", progress=False)
+    recipe.data.recall = RecallMix(passkey=1.0, mqar=0.0, shortest=128, lead_steps=1, lead_len=128)
+    with pytest.raises(UserError, match="shortest rows \\(128 tokens: data.seq_len, data.recall.shortest: the lead"):
+        loop.finetune(recipe, tmp_path / "lead", progress=False)
     body = {"name": "r", "model": {"d_model": 16, "n_layer": 2, "d_state": 4}, "tokenizer": {"vocab_size": 300},
             "data": {"source": str(data_file), "seq_len": 32, "recall": {"pairs": [2, len(KEYS) + 1]}}}
     with pytest.raises(UserError, match=f"data.recall.pairs: numbers in 1..{len(KEYS)}"):

@@ -111,5 +111,7 @@ def generate(model: BlockLM, input_ids, max_new_tokens: int, lengths=None, prefi
         out.append(nxt)
         if eos_token_id is not None and bool(done.all()) or stop is not None and stop(torch.stack(out, dim=1)):
             break
+        if len(out) == max_new_tokens:  # the last token needs no step: its logits would not be read
+            break
         logits = step(model, nxt, state)
     return torch.stack(out, dim=1)

@@ -256,12 +256,13 @@ def setup(recipe: Recipe, out: Path, init_from: str | None, resume: bool, overwr
         from simba_cli.simba.settings import check_seq_len
 
         if recipe.prune.mode == "protect":  # the loss's positions are never pruned: some others must be left
-            shortest = recipe.data.seq_len if recipe.data.recall is None else \
-                min(recipe.data.seq_len, recipe.data.recall.shortest)
+            mix = recipe.data.recall  # the lead's rows are single documents, of data.recall.shortest at first
+            lead = mix is not None and mix.lead_steps > 0
+            shortest = min(recipe.data.seq_len, mix.shortest) if lead else recipe.data.seq_len
             if recipe.train.protect_last >= shortest:
+                where = "data.seq_len, data.recall.shortest: the lead's rows" if lead else "data.seq_len"
                 raise UserError(f"train.protect_last {recipe.train.protect_last} protects every position of the "
-                                f"shortest rows ({shortest} tokens: data.seq_len, data.recall.shortest), so nothing "
-                                f"would be pruned; lower it")
+                                f"shortest rows ({shortest} tokens: {where}), so nothing would be pruned; lower it")
         check_seq_len(recipe.prune, model.cfg.n_layer, recipe.data.seq_len)
     train_stream = tokenize_documents(tokenizer, load_texts(recipe.data.source, "train", recipe.data.text_field))
     val_docs = load_texts(recipe.data.source, "validation", recipe.data.text_field)
