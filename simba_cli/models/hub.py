@@ -21,6 +21,10 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class UnknownModel(UserError):
+    """A reference that is no directory, zoo model or hub repo id."""
+
+
 def resolve(ref: str, what: str = "model", patterns: list[str] | None = None) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -34,7 +38,7 @@ def resolve(ref: str, what: str = "model", patterns: list[str] | None = None) ->
             return download(ref, patterns, what)
         directory = download(ref, MODEL_FILES + TOKENIZER_FILES, what)
         return directory if any(directory.glob("model*.safetensors")) else download(ref, BIN_FILES, what)
-    raise UserError(f"no {what} {ref!r}: not a directory, not a zoo model ({', '.join(zoo.names()) or 'none'}), "
+    raise UnknownModel(f"no {what} {ref!r}: not a directory, not a zoo model ({', '.join(zoo.names()) or 'none'}), "
                     f"and not a hub repo id like state-spaces/mamba-130m")
 
 

@@ -198,8 +198,8 @@ def _across_chunks(y, Cc, w_out, u_in, Bc, chunk_decay, state):
 def _across_chunks_in_place(y, Cc, w_out, u_in, Bc, chunk_decay, state):
     """`_across_chunks` without gradients. The states are held as (N, R P) matrices, so that a chunk's own state
     (B^T u, (N, Q) @ (Q, R P)) and its reads (C h, (Q, N) @ (N, R P)) are plain batched products with no copy to
-    reorder them; each state is written once, into a buffer of CHUNKS_AT_ONCE + 1 that every group of chunks
-    reuses (no list to stack, no fresh state per chunk: large fresh tensors cost page faults on CPU)."""
+    reorder them; each state is written once, into a buffer of INFERENCE_CHUNKS_AT_ONCE + 1 that every group of
+    chunks reuses (no list to stack, no fresh state per chunk: large fresh tensors cost page faults on CPU)."""
     b, c, _, G, R, P = u_in.shape
     N = Bc.shape[-1]
     k = min(INFERENCE_CHUNKS_AT_ONCE, c)

@@ -117,9 +117,8 @@ def passes_run(spec: str, lengths, protected, caller, ssd: bool = False) -> int 
     """The Simba passes a window that runs by position (`_runs_by_position`) really runs on a batch: the most
     window positions of any sequence (its last W tokens, or every protected position where the caller
     protected some); None for every other criterion (their cost does not depend on the batch)."""
-    if _runs_by_position(spec, ssd) is None:
-        return None
-    return int(window_mask(lengths, protected, caller, parse_variant(spec).window).sum(1).max())
+    v = _runs_by_position(spec, ssd)
+    return None if v is None else int(window_mask(lengths, protected, caller, v.window).sum(1).max())
 
 
 def passes_planned(spec: str, tokens: int, ssd: bool = False) -> int | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from simba_cli.errors import UserError
 from simba_cli.models.checkpoint import read_config
 from simba_cli.models.config import official_config
-from simba_cli.models.hub import resolve
+from simba_cli.models.hub import UnknownModel, resolve
 from simba_cli.simba.flops import Config, analytic
 from simba_cli.simba.flops_ssd import OFFICIAL_MAMBA2
 from simba_cli.simba.settings import DENSE, PruneConfig, check_seq_len, mean_keep
@@ -43,9 +43,7 @@ def model_config(ref: str) -> tuple[Config, PruneConfig | None]:
         return cfg, prune
     try:
         return read_config(resolve(ref))[0], prune
-    except UserError as e:  # say which sizes need no weights at all
-        if not str(e).startswith("no model"):
-            raise
+    except UnknownModel as e:  # say which sizes need no weights at all
         from simba_cli.models.config import OFFICIAL
 
         sizes = ", ".join([*OFFICIAL, *OFFICIAL_MAMBA2])

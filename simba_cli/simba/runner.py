@@ -117,11 +117,8 @@ class ModelRunner:
         new = generate(self.model, torch.tensor([ids], device=self.device), max_new_tokens, prefill_fn=prefill_fn,
                        eos_token_id=self.eos_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=gen, stop=None if stop is None else lambda new: stop(new[0].tolist()))
-        cfg = self.model.cfg
-        count = generation_flops(cfg, self.config, len(ids), new.shape[1])  # a dense prefill: exact as counted
-        if measured:  # the decoding steps (one token through every layer each) beside the prefill that ran
-            count = count - generation_flops(cfg, self.config, len(ids), 1) + measured[0]
-        self.count(count)
+        self.count(generation_flops(self.model.cfg, self.config, len(ids), new.shape[1],
+                                    measured[0] if measured else None))  # a dense prefill: exact as counted
         tokens = new[0].tolist()
         return tokens[:tokens.index(self.eos_token_id)] if self.eos_token_id in tokens else tokens
 
@@ -133,12 +130,15 @@ class ModelRunner:
         return self.tokenizer.decode(self.generate_ids(ids, max_new_tokens, temperature, top_p, seed))
 
 
-def generation_flops(cfg, config: PruneConfig, prompt_tokens: int, new_tokens: int) -> FlopsCount:
-    """FLOPs of one generation: the (pruned) prefill of the prompt with logits at its last token, exactly as
-    `pruned_forward` counts a single sequence, then one dense recurrent step per further token. The decode
-    steps add to every layer and the head; the keep ratios stay those of the prompt."""
-    ratios = None if config.dense else config.keep_ratios(cfg.n_layer)
-    count = analytic(cfg, prompt_tokens, ratios, config.criterion, head_positions=1)
+def generation_flops(cfg, config: PruneConfig, prompt_tokens: int, new_tokens: int,
+                     prefill: FlopsCount | None = None) -> FlopsCount:
+    """FLOPs of one generation: the (pruned) prefill of the prompt with logits at its last token (`prefill`, as
+    its forward measured it, or as `pruned_forward` counts a single sequence), then one dense recurrent step per
+    further token. The decode steps add to every layer and the head; the keep ratios stay those of the prompt."""
+    if prefill is None:
+        ratios = None if config.dense else config.keep_ratios(cfg.n_layer)
+        prefill = analytic(cfg, prompt_tokens, ratios, config.criterion, head_positions=1)
+    count = dataclasses.replace(prefill)
     steps = max(0, new_tokens - 1)  # the prefill's logits give the first new token
     count.layer = [f + count_layer(cfg, steps) for f in count.layer]
     count.head += count_head(cfg, steps)
