@@ -59,6 +59,7 @@ from simba_cli.models.config import OFFICIAL  # noqa: E402
 from simba_cli.models.decode import generate  # noqa: E402
 from simba_cli.models.mamba import MambaLM  # noqa: E402
 from simba_cli.models.mamba2 import Mamba2LM, scan_chunk_size, ssd_scan_chunked, ssd_scan_ref  # noqa: E402
+from simba_cli.ops.linear import linear  # noqa: E402
 from simba_cli.ops.scan import selective_scan  # noqa: E402
 from simba_cli.simba.flops_ssd import OFFICIAL_MAMBA2  # noqa: E402
 
@@ -159,15 +160,18 @@ def mamba2(tiny: bool) -> dict:
         hf_dir = save_checkpoint(model, Path(tmp) / "hf", fmt="hf")
         hf = Mamba2ForCausalLM.from_pretrained(str(hf_dir)).eval()
     ids = torch.randint(0, 50000, (1, l_model))
-    floor = linear_floor(model, l_model)
+    floor, blas_floor = linear_floor(model, l_model), linear_floor(model, l_model, torch.nn.functional.linear)
     with torch.no_grad():
         model(ids[:, :64])
         hf(ids[:, :64], use_cache=False)
         floor()
+        blas_floor()
         t = medians_side_by_side({"ours": lambda: model(ids), "theirs": lambda: hf(ids, use_cache=False),
-                                  "matmuls": floor}, 3)
+                                  "matmuls": floor, "matmuls_blas": blas_floor}, 3)
         diff = (model(ids) - hf(ids, use_cache=False).logits[..., :cfg.vocab_size]).abs().max().item()
     ours, theirs, matmuls = t["ours"], t["theirs"], t["matmuls"]
+    out.update(mamba2_model_matmuls_blas_s=t["matmuls_blas"],
+               mamba2_model_matmuls_onednn_speedup=t["matmuls_blas"] / matmuls)
     out.update(mamba2_model_fwd_ours_s=ours, mamba2_model_fwd_transformers_s=theirs,
                mamba2_model_fwd_ours_tokens_per_s=l_model / ours,
                mamba2_model_fwd_transformers_tokens_per_s=l_model / theirs,
@@ -178,22 +182,24 @@ def mamba2(tiny: bool) -> dict:
     print(f"{name} forward l={l_model}: ours {ours:.2f} s, transformers {theirs:.2f} s, {theirs / ours:.2f}x "
           f"(max logit difference {diff:.1e}); its matmuls alone {matmuls:.2f} s: ours is {ours / matmuls:.2f}x "
           f"that floor, and no forward with these matmuls could beat transformers by more than "
-          f"{theirs / matmuls:.2f}x", flush=True)
+          f"{theirs / matmuls:.2f}x; those matmuls through F.linear {t['matmuls_blas']:.2f} s "
+          f"({t['matmuls_blas'] / matmuls:.2f}x oneDNN's)", flush=True)
     return out
 
 
-def linear_floor(model: torch.nn.Module, rows: int):
+def linear_floor(model: torch.nn.Module, rows: int, product=linear):
     """A callable doing the model's matmuls alone: every linear layer (Mamba-1's in_proj, x_proj, dt_proj and
     out_proj, Mamba-2's in_proj and out_proj, the LM head) once, on random inputs of `rows` tokens. At rows = l
     it is the forward's matmul floor; at rows = 1 one matrix-vector product per weight, what a decode step
-    cannot do faster, since it reads every weight once."""
+    cannot do faster, since it reads every weight once. `product` runs each one: `ops.linear.linear` (what
+    the models call: oneDNN on CPU) or `F.linear` (the BLAS call transformers' layers make)."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(1, rows, m.in_features, generator=g) for m in layers]
 
     def run():
         for m, x in zip(layers, inputs):
-            torch.nn.functional.linear(x, m.weight, m.bias)
+            product(x, m.weight, m.bias)
 
     return run
 
@@ -212,14 +218,17 @@ def speed(tiny: bool) -> dict:
     out = {}
     ids = torch.randint(0, 50000, (1, l_model))
     with torch.no_grad():
-        floor = linear_floor(model, l_model)
+        floor, blas_floor = linear_floor(model, l_model), linear_floor(model, l_model, torch.nn.functional.linear)
         model(ids[:, :64])
         floor()
-        t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor}, 5)
+        blas_floor()
+        t = medians_side_by_side({"model": lambda: model(ids), "matmuls": floor, "matmuls_blas": blas_floor}, 5)
     out.update(model_fwd_s=t["model"], model_matmuls_s=t["matmuls"],
-               model_fwd_vs_matmul_floor=t["model"] / t["matmuls"])
+               model_fwd_vs_matmul_floor=t["model"] / t["matmuls"], model_matmuls_blas_s=t["matmuls_blas"],
+               model_matmuls_onednn_speedup=t["matmuls_blas"] / t["matmuls"])
     print(f"forward l={l_model}: {t['model']:.3f} s, its matmuls alone {t['matmuls']:.3f} s, "
-          f"{t['model'] / t['matmuls']:.2f}x the floor", flush=True)
+          f"{t['model'] / t['matmuls']:.2f}x the floor; those matmuls through F.linear {t['matmuls_blas']:.3f} s",
+          flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = MambaForCausalLM.from_pretrained(str(save_checkpoint(model, Path(tmp) / "hf", fmt="hf"))).eval()
@@ -247,18 +256,21 @@ def speed(tiny: bool) -> dict:
     with torch.no_grad():
         logits, state = prefill(model, prompt_ids)
         token, floor = logits.argmax(-1), linear_floor(model, 1)
+        blas_floor = linear_floor(model, 1, torch.nn.functional.linear)
         step(model, token, state)
         floor()
+        blas_floor()
         t = medians_side_by_side({"step": lambda: step(model, token, state), "floor": floor,
-                                  "prefill": lambda: prefill(model, prompt_ids)}, 20)
+                                  "floor_blas": blas_floor, "prefill": lambda: prefill(model, prompt_ids)}, 20)
     # our prefill, then every step at the floor: no decoder of these weights on this machine does better
     bound = out["decode_transformers_s"] / (t["prefill"] + new * t["floor"])
     out.update(decode_step_s=t["step"], decode_weight_read_floor_s=t["floor"],
                decode_step_vs_weight_read_floor=t["step"] / t["floor"], decode_prefill_s=t["prefill"],
-               decode_speedup_bound=bound)
+               decode_speedup_bound=bound, decode_weight_read_blas_s=t["floor_blas"],
+               decode_weight_read_onednn_speedup=t["floor_blas"] / t["floor"])
     print(f"decode step {t['step'] * 1e3:.1f} ms, reading every weight once {t['floor'] * 1e3:.1f} ms, "
           f"{t['step'] / t['floor']:.2f}x its floor; our prefill and {new} steps at that floor would be "
-          f"{bound:.2f}x transformers", flush=True)
+          f"{bound:.2f}x transformers; that floor through F.linear {t['floor_blas'] * 1e3:.1f} ms", flush=True)
 
     pruned = PruneConfig(schedule="linear", final_keep=0.1)
     long_ids = torch.randint(0, 50000, (1, l_prefill))

@@ -34,6 +34,24 @@ def random_model(cfg: MambaConfig | None = None, seed: int = 0) -> MambaLM:
     return model.eval()
 
 
+@pytest.fixture(params=["F.linear", "oneDNN"])
+def projections(request, monkeypatch):
+    """Runs a test twice: every projection of the models (`ops.linear`) through F.linear, then every one through
+    oneDNN, the path large weights take in CPU inference, which a tiny model's weights would never reach. The
+    second run fails if no projection took it."""
+    from simba_cli.ops import linear as ops_linear
+
+    onednn = request.param == "oneDNN"
+    if onednn and not ops_linear.onednn_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(ops_linear, "ONEDNN_MIN_WEIGHT", 0 if onednn else 1 << 62)
+    calls = []
+    real = ops_linear.onednn_linear
+    monkeypatch.setattr(ops_linear, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    yield request.param
+    assert bool(calls) == onednn
+
+
 @pytest.fixture
 def tiny_model():
     return random_model()

@@ -144,7 +144,7 @@ IDS = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("n_groups", [1, 2])
-def test_logits_equal_transformers(tmp_path, n_groups, monkeypatch):
+def test_logits_equal_transformers(tmp_path, n_groups, monkeypatch, projections):
     oracle, directory = hf_mamba2_oracle(tmp_path, n_groups=n_groups)
     ours = load_mamba2(directory).eval()
     assert (ours.cfg.n_heads, ours.cfg.n_groups, ours.cfg.chunk_size) == (4, n_groups, 8)

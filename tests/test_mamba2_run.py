@@ -108,7 +108,7 @@ def check_baseline_scores(view):
 # --- decoding --------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_recurrent_decoding_equals_the_full_forward():
+def test_recurrent_decoding_equals_the_full_forward(projections):
     """A right-padded prefill, then one token at a time: the logits of every step are the full forward's."""
     model = random_mamba2(tiny_mamba2_config(n_layer=3))
     full = model(IDS)
@@ -122,7 +122,7 @@ def test_recurrent_decoding_equals_the_full_forward():
 
 
 @pytest.mark.parametrize("n_groups", [1, 2])
-def test_greedy_generation_of_right_padded_prompts_equals_transformers(tmp_path, n_groups):
+def test_greedy_generation_of_right_padded_prompts_equals_transformers(tmp_path, n_groups, projections):
     """The oracle generates each prompt alone (it has no right padding); ours, the padded batch at once."""
     oracle, directory = hf_mamba2_oracle(tmp_path, n_groups=n_groups)
     ours = load_checkpoint(directory).eval()

@@ -16,7 +16,7 @@ from tests.conftest import random_model, tiny_config
 
 
 @pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
-def test_logits_equal_transformers(tmp_path, fmt):
+def test_logits_equal_transformers(tmp_path, fmt, projections):
     model = random_model(tiny_config(vocab_size=72))
     hf_dir = save_checkpoint(model, tmp_path / "hf", fmt="hf")
     ours_dir = save_checkpoint(model, tmp_path / f"ours-{fmt}", fmt=fmt)
@@ -29,7 +29,7 @@ def test_logits_equal_transformers(tmp_path, fmt):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_step_by_step_decoding_equals_parallel_forward(tiny_model):
+def test_step_by_step_decoding_equals_parallel_forward(tiny_model, projections):
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         full = tiny_model(ids)
@@ -63,7 +63,7 @@ def test_greedy_generate_matches_argmax_of_forward(tiny_model):
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
-def test_greedy_generation_of_right_padded_prompts_equals_transformers(tmp_path, family):
+def test_greedy_generation_of_right_padded_prompts_equals_transformers(tmp_path, family, projections):
     """The oracle generates each prompt alone (it has no right padding); ours, the padded batch at once."""
     from transformers import FalconMambaForCausalLM
 

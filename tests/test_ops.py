@@ -318,3 +318,74 @@ def test_mamba2_blocks_on_gpus_are_capped():
     cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=8, head_dim=8, chunk_size=256)
     assert scan_chunk_size(cfg, torch.device("cuda")) == GPU_MAX_CHUNK_SIZE == 64
     assert scan_chunk_size(cfg, torch.device("cpu")) == CPU_CHUNK_SIZE
+
+
+# --- the projections' dispatch (ops.linear) ----------------------------------------------------------------
+
+onednn_built = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def counting_onednn(monkeypatch):
+    """Counts the calls that take oneDNN's path."""
+    from simba_cli.ops import linear as ops_linear
+
+    calls = []
+    real = ops_linear.onednn_linear
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(ops_linear, "onednn_linear", spy)
+    return calls
+
+
+@onednn_built
+@pytest.mark.parametrize("shape", ["2d", "3d", "sliced", "one row"])
+def test_onednn_projection_equals_f_linear_in_float64(shape, monkeypatch):
+    from simba_cli.ops.linear import ONEDNN_MIN_WEIGHT, linear
+
+    calls = counting_onednn(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    k, n = 512, ONEDNN_MIN_WEIGHT // 512 + 3  # just over the size that takes oneDNN's path
+    w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = {"2d": torch.randn(37, k, generator=g), "3d": torch.randn(2, 19, k, generator=g),
+         "sliced": torch.randn(2, 19, k + 40, generator=g)[..., 7:7 + k],
+         "one row": torch.randn(1, 1, k, generator=g)}[shape]
+    with torch.no_grad():
+        got = linear(x, w, bias)
+    assert len(calls) == 1
+    want = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@onednn_built
+def test_projections_take_onednn_only_for_float32_cpu_inference_with_large_weights(monkeypatch):
+    from simba_cli.ops import linear as ops_linear
+    from simba_cli.ops.linear import ONEDNN_MIN_WEIGHT, Linear
+
+    calls = counting_onednn(monkeypatch)
+    layer = Linear(256, ONEDNN_MIN_WEIGHT // 256)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        layer(x)
+        layer.double()(x.double())  # float64: F.linear
+        layer.float()
+        Linear(256, ONEDNN_MIN_WEIGHT // 256 - 1)(x)  # a smaller weight: F.linear
+    assert len(calls) == 1
+    y = layer(x)  # gradients wanted: F.linear, which autograd differentiates
+    y.sum().backward()
+    assert len(calls) == 1 and layer.weight.grad is not None
+    monkeypatch.setenv("SIMBA_ONEDNN", "0")
+    ops_linear.onednn_available.cache_clear()
+    try:
+        with torch.no_grad():
+            layer(x)
+        assert len(calls) == 1
+    finally:
+        monkeypatch.delenv("SIMBA_ONEDNN")
+        ops_linear.onednn_available.cache_clear()
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 2

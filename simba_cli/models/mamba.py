@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from simba_cli.models.config import MambaConfig
 from simba_cli.ops.conv import causal_conv1d, conv_state_at
+from simba_cli.ops.linear import Linear, linear
 from simba_cli.ops.scan import scan_dt, selective_scan
 
 
@@ -74,13 +75,13 @@ class MambaMixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, di, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank
-        self.in_proj = nn.Linear(d, 2 * di, bias=cfg.bias)
+        self.in_proj = Linear(d, 2 * di, bias=cfg.bias)
         self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
-        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.x_proj = Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, di, bias=True)
         self.A_log = nn.Parameter(torch.empty(di, n))
         self.D = nn.Parameter(torch.ones(di))
-        self.out_proj = nn.Linear(di, d, bias=cfg.bias)
+        self.out_proj = Linear(di, d, bias=cfg.bias)
 
     def A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())
@@ -102,7 +103,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         u = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
         dt_low, B, C = self.project(u)
-        delta = F.linear(dt_low, self.dt_proj.weight)
+        delta = linear(dt_low, self.dt_proj.weight)
         A = self.A()
         if keep_scan_inputs:
             # The criterion reads the scan's own dt: computed once here, handed to the scan as is.
@@ -156,7 +157,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         u = conv_step(conv_state, x, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         dt_low, B, C = self.project(u)
-        y = ssm_step(ssm_state, u, F.linear(dt_low, self.dt_proj.weight), self.dt_proj.bias, self.A(), B, C,
+        y = ssm_step(ssm_state, u, linear(dt_low, self.dt_proj.weight), self.dt_proj.bias, self.A(), B, C,
                      self.D, z)
         return self.out_proj(y)
 
@@ -246,7 +247,7 @@ class MambaLM(BlockLM):
         self.backbone.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.backbone.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.backbone.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if init:
             self.reset_parameters()
         else:

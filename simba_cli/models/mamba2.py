@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from simba_cli.models.mamba import Block, BlockLM, MixerOutput, RMSNorm
 from simba_cli.models.mamba2_config import Mamba2Config
 from simba_cli.ops.conv import causal_conv1d, conv_state_at
+from simba_cli.ops.linear import Linear
 from simba_cli.ops.scan import scan_dt
 
 # --- the SSD scan ----------------------------------------------------------------------------------
@@ -267,14 +268,14 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
         self.cfg = cfg
-        self.in_proj = nn.Linear(cfg.d_model, cfg.d_inner + cfg.conv_dim + cfg.n_heads, bias=cfg.bias)
+        self.in_proj = Linear(cfg.d_model, cfg.d_inner + cfg.conv_dim + cfg.n_heads, bias=cfg.bias)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
                                 padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(cfg.n_heads))
         self.A_log = nn.Parameter(torch.zeros(cfg.n_heads))
         self.D = nn.Parameter(torch.ones(cfg.n_heads))
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.n_groups, cfg.norm_eps)
-        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.out_proj = Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
 
     def A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())
@@ -370,7 +371,7 @@ class Mamba2LM(BlockLM):
         self.backbone.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.backbone.layers = nn.ModuleList(Mamba2Block(cfg) for _ in range(cfg.n_layer))
         self.backbone.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def reset_parameters(self, seed: int | None = None, dt_min: float = 1e-3, dt_max: float = 0.1,
