@@ -1,1 +1,1 @@
-"""Selective-scan and causal-conv backends behind one dispatching function each."""
+"""Selective-scan and causal-conv backends behind one dispatching function each, and the projections' matmul."""
