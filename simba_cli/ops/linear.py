@@ -7,20 +7,22 @@
 
 On CPU, in float32 and where no gradient is needed, the product runs through oneDNN's matmul
 (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls) rather than
-`F.linear`'s BLAS call. On CPUs where the two differ, oneDNN was the faster: on an AMD EPYC (Zen 4,
-two cores) it ran a mamba-130m in_proj at l=1024 1.2-1.6x as fast, and a matrix-vector product (one
-decoding step) 1.5-3x as fast. `python benchmarks/bench_core.py` measures the two side by side
-(`*_matmuls_onednn_speedup`). Results agree with `F.linear` to float32 rounding (a different summation
-order); set SIMBA_ONEDNN=0 to run `F.linear` everywhere.
+`F.linear`'s BLAS call. On the CPU this was measured on (an AMD EPYC, Zen 4, two cores) a mamba-130m
+forward's products at l=1024 ran 1.2-1.3x as fast, and a decoding step's matrix-vector products 1.7x;
+`python benchmarks/bench_core.py` measures the two side by side (the `*_onednn_speedup` keys). Results
+agree with `F.linear` to float32 rounding (another summation order); SIMBA_ONEDNN=0 runs `F.linear`
+everywhere.
 
-Everything else (training, other devices and dtypes, small weights where a call's fixed cost
-dominates) is `F.linear`.
+Everything else is `F.linear`: training, other devices and dtypes, small weights (where a call's fixed
+cost dominates), and CPUs other than x86-64, where torch's oneDNN may lack its tuned kernels while the
+platform's BLAS has them (Apple's runs on the chips' matrix units).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,8 @@ ONEDNN_MIN_WEIGHT = 1 << 18
 def onednn_available() -> bool:
     if os.environ.get("SIMBA_ONEDNN", "1") == "0":
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
