@@ -8,7 +8,7 @@
 On CPU, in float32 and where no gradient is needed, the product runs through oneDNN's matmul
 (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend calls) rather than
 `F.linear`'s BLAS call. On the CPU this was measured on (an AMD EPYC, Zen 4, two cores) a mamba-130m
-forward's products at l=1024 ran 1.2-1.3x as fast, and a decoding step's matrix-vector products 1.7x;
+forward's products at l=1024 ran 1.15-1.45x as fast, and a decoding step's matrix-vector products 1.7x;
 `python benchmarks/bench_core.py` measures the two side by side (the `*_onednn_speedup` keys). Results
 agree with `F.linear` to float32 rounding (another summation order); SIMBA_ONEDNN=0 runs `F.linear`
 everywhere.
@@ -37,8 +37,14 @@ ONEDNN_MIN_WEIGHT = 1 << 18
 def onednn_available() -> bool:
     if os.environ.get("SIMBA_ONEDNN", "1") == "0":
         return False
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()):
+        return False
+    # A private op: one probe, so that a torch that changed or dropped it falls back to F.linear.
+    try:
+        x, w = torch.arange(6.0).reshape(2, 3), torch.arange(12.0).reshape(4, 3)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), F.linear(x, w))
+    except Exception:
+        return False
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
