@@ -34,6 +34,24 @@ def random_model(cfg: MambaConfig | None = None, seed: int = 0) -> MambaLM:
     return model.eval()
 
 
+NO_ONEDNN = "oneDNN's path is for x86-64 builds of torch with it"
+
+
+def count_onednn_calls(monkeypatch) -> list:
+    """The weights' shapes of the projections that take oneDNN's path (`ops.linear`), one per call."""
+    from simba_cli.ops import linear as ops_linear
+
+    calls = []
+    real = ops_linear.onednn_linear
+
+    def spy(x, weight, bias=None):
+        calls.append(weight.shape)
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(ops_linear, "onednn_linear", spy)
+    return calls
+
+
 @pytest.fixture(params=["F.linear", "oneDNN"])
 def projections(request, monkeypatch):
     """Runs a test twice: every projection of the models (`ops.linear`) through F.linear, then every one through
@@ -43,11 +61,9 @@ def projections(request, monkeypatch):
 
     onednn = request.param == "oneDNN"
     if onednn and not ops_linear.onednn_available():
-        pytest.skip("oneDNN's path is for x86-64 builds of torch with it")
+        pytest.skip(NO_ONEDNN)
     monkeypatch.setattr(ops_linear, "ONEDNN_MIN_WEIGHT", 0 if onednn else 1 << 62)
-    calls = []
-    real = ops_linear.onednn_linear
-    monkeypatch.setattr(ops_linear, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    calls = count_onednn_calls(monkeypatch)
     yield request.param
     assert bool(calls) == onednn
 

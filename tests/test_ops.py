@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from simba_cli.ops.conv import causal_conv1d, causal_conv1d_ref
+from simba_cli.ops.linear import onednn_available
 from simba_cli.ops.scan import selective_scan
 from simba_cli.ops.scan_cpu import scan_forward
+from tests.conftest import NO_ONEDNN, count_onednn_calls
 
 RTOL, ATOL = 6e-4, 2e-3
 
@@ -322,28 +324,7 @@ def test_mamba2_blocks_on_gpus_are_capped():
 
 # --- the projections' dispatch (ops.linear) ----------------------------------------------------------------
 
-def _onednn_available():
-    from simba_cli.ops.linear import onednn_available
-
-    return onednn_available()
-
-
-onednn_built = pytest.mark.skipif(not _onednn_available(), reason="oneDNN's path is for x86-64 builds of torch with it")
-
-
-def counting_onednn(monkeypatch):
-    """Counts the calls that take oneDNN's path."""
-    from simba_cli.ops import linear as ops_linear
-
-    calls = []
-    real = ops_linear.onednn_linear
-
-    def spy(*args):
-        calls.append(args[1].shape)
-        return real(*args)
-
-    monkeypatch.setattr(ops_linear, "onednn_linear", spy)
-    return calls
+onednn_built = pytest.mark.skipif(not onednn_available(), reason=NO_ONEDNN)
 
 
 @onednn_built
@@ -351,7 +332,7 @@ def counting_onednn(monkeypatch):
 def test_onednn_projection_equals_f_linear_in_float64(shape, monkeypatch):
     from simba_cli.ops.linear import ONEDNN_MIN_WEIGHT, linear
 
-    calls = counting_onednn(monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     k, n = 512, ONEDNN_MIN_WEIGHT // 512 + 3  # just over the size that takes oneDNN's path
     w, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
@@ -371,7 +352,7 @@ def test_projections_take_onednn_only_for_float32_cpu_inference_with_large_weigh
     from simba_cli.ops import linear as ops_linear
     from simba_cli.ops.linear import ONEDNN_MIN_WEIGHT, Linear
 
-    calls = counting_onednn(monkeypatch)
+    calls = count_onednn_calls(monkeypatch)
     layer = Linear(256, ONEDNN_MIN_WEIGHT // 256)
     x = torch.randn(3, 256)
     with torch.no_grad():
