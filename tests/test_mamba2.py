@@ -75,34 +75,44 @@ def test_chunked_scan_stays_finite_under_strong_decay():
 
 
 
-def test_chunk_decays_kernel_equals_pytorch():
-    """The numba within-chunk decays (inference on CPU) against PyTorch's formulas in float64: each head reads its
-    group's scores, nothing above the diagonal, padding (dt = 0) decays nothing, strong decays underflow to 0."""
-    from simba_cli.ops.ssd_cpu import chunk_decays
+def test_within_chunks_kernel_equals_pytorch():
+    """The numba within-chunk part (inference on CPU) against PyTorch's formulas in float64: each head reads its
+    group's scores, nothing above the diagonal, padding (dt = 0) decays and adds nothing, strong decays underflow
+    to 0, x read in place from a slice of a wider tensor, the D skip added."""
+    from simba_cli.ops.ssd_cpu import within_chunks
 
     gen = torch.Generator().manual_seed(3)
-    a = -torch.rand(2, 3, 6, 16, generator=gen, dtype=torch.float64) * 2  # (b, c, H, Q), 3 groups of 2 heads
+    b, c, H, Q, P = 2, 3, 6, 16, 5
+    a = -torch.rand(b, c, H, Q, generator=gen, dtype=torch.float64) * 2  # 3 groups of 2 heads
     a[0, 1, 2] *= 500
-    dt = torch.rand(2, 3, 6, 16, generator=gen, dtype=torch.float64) + 0.1
+    dt = torch.rand(b, c, H, Q, generator=gen, dtype=torch.float64) + 0.1
     a[1, 0, :, 5:] = dt[1, 0, :, 5:] = 0.0
-    scores = torch.randn(2, 3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    scores = torch.randn(b, c, 3, Q, Q, generator=gen, dtype=torch.float64)
+    wide = torch.randn(b, c * Q, H * P + 7, generator=gen, dtype=torch.float64)
+    x = wide[..., 3:3 + H * P].unflatten(-1, (H, P))  # (b, c Q, H, P), rows H P + 7 apart
+    D = torch.randn(H, generator=gen, dtype=torch.float64)
     seg = mamba2._segment_sums(a)
-    want = (torch.exp(seg).unflatten(2, (3, 2)) * scores[:, :, :, None]).flatten(2, 3) * dt[..., None, :]
-    weights, w_in, w_out = chunk_decays(a.float(), dt.float(), scores.float(), 2)
-    assert weights.dtype == torch.float32 and not weights.triu(1).any()
-    assert (weights[0, 1, 2].tril(-2) == 0).all()  # exp(-hundreds) is 0, not a subnormal
-    torch.testing.assert_close(weights.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w_in.double(), torch.exp(seg[..., -1, :]) * dt, rtol=1e-5, atol=1e-6)
+    weights = (torch.exp(seg).unflatten(2, (3, 2)) * scores[:, :, :, None]).flatten(2, 3) * dt[..., None, :]
+    xc = x.unflatten(1, (c, Q))  # (b, c, Q, H, P)
+    want_y = torch.einsum("bchts,bcshp->bcthp", weights, xc).flatten(1, 2) + D[:, None] * x
+    want_u = (xc * (torch.exp(seg[..., -1, :]) * dt).transpose(-1, -2)[..., None]).flatten(1, 2)
+    y, u, w_out = within_chunks(a.float(), dt.float(), scores.float(), x.float(), D.float(), 2)
+    assert y.dtype == u.dtype == w_out.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.double(), want_u, rtol=1e-5, atol=1e-6)
+    assert (u[1, :5].abs() > 0).all() and not u[1, 5:Q].any()  # padding adds nothing to the state
     torch.testing.assert_close(w_out.double(), torch.exp(a.cumsum(-1)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w_out[1, 0, :, 5:], w_out[1, 0, :, 4:5].expand(-1, 11))
+    y0, _, _ = within_chunks(a.float(), dt.float(), scores.float(), x.float(), None, 2)  # no skip
+    torch.testing.assert_close(y0.double(), want_y - D[:, None] * x, rtol=1e-5, atol=1e-5)
 
 
 def test_float32_inference_scan_uses_the_kernel_and_equals_the_recurrence(monkeypatch):
     import simba_cli.ops.ssd_cpu as ssd_cpu
 
     calls = []
-    kernel = ssd_cpu.chunk_decays
-    monkeypatch.setattr(ssd_cpu, "chunk_decays", lambda *args: calls.append(1) or kernel(*args))
+    kernel = ssd_cpu.within_chunks
+    monkeypatch.setattr(ssd_cpu, "within_chunks", lambda *args: calls.append(1) or kernel(*args))
     x, dt, A, B, C, D = scan_inputs(l=150, groups=2, seed=5)  # 38 chunks of 4, a padded last one: groups of
     # chunks in the buffer, the last group not full
     want, want_state = ssd_scan_ref(x, dt, A, B, C, D, return_final_state=True)

@@ -241,7 +241,7 @@ torch.set_num_threads(1); numba.set_num_threads(1); torch.manual_seed(0)
 from simba_cli.ops.conv import causal_conv1d
 from simba_cli.ops.norm_cpu import add_rms_norm, gated_rms_norm
 from simba_cli.ops.scan import scan_dt, selective_scan
-from simba_cli.ops.ssd_cpu import chunk_decays
+from simba_cli.ops.ssd_cpu import within_chunks
 from simba_cli.ops.step_cpu import conv_step, ssm_step
 b, l, d, n = 3, 48, 96, 8
 xz, u, delta = torch.randn(b, l, 2 * d), torch.randn(b, l, d), torch.randn(b, l, d)
@@ -255,8 +255,9 @@ with torch.no_grad():
                conv_step=conv_step(torch.randn(b, d, 4), xz[:, 0, :d], torch.randn(d, 4), torch.randn(d)),
                ssm_step=ssm_step(torch.randn(b, d, n), u[:, 0], delta[:, 0], torch.randn(d), A, B[:, 0], C[:, 0],
                                  torch.randn(d), xz[:, 0, d:]))
-    ssd = chunk_decays(-torch.rand(b, 3, 4, 32), torch.rand(b, 3, 4, 32), torch.randn(b, 3, 2, 32, 32), 2)
-    out.update(zip(("ssd_weights", "ssd_in", "ssd_out"), ssd))
+    ssd = within_chunks(-torch.rand(b, 3, 4, 32), torch.rand(b, 3, 4, 32), torch.randn(b, 3, 2, 32, 32),
+                        torch.randn(b, 96, 4, 16), torch.randn(4), 2)
+    out.update(zip(("ssd_y", "ssd_u", "ssd_out"), ssd))
     out.update(gated_norm=gated_rms_norm(h, xz[..., :48], torch.randn(48), 2, 1e-5))
 np.savez(sys.argv[1], **{k: v.numpy() for k, v in out.items()})
 """

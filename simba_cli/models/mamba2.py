@@ -97,13 +97,14 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
 # The block length of the chunked scan on CPU, whatever the checkpoint's chunk_size (a GPU kernel's tile): the
 # result is the same for any Q (up to float rounding), and on CPU the within-chunk work, l Q (N + H P)
 # multiply-adds and l Q H decays, costs more than the l / Q steps across chunks save. Measured side by side on a
-# mamba2-130m layer, inference: at l = 1024, Q = 32 takes 17-20 ms, 48 19-20, 64 19-22, 96 26-31; at l = 2048,
-# 30-47, 29-58, 37-52 and 59-75 ms. A zoo-m2 training step takes 0.56-0.68 s at Q = 32 and 0.69-0.80 s at 48.
+# mamba2-130m layer, inference (medians of 15): at l = 1024, Q = 32 takes 10.5 ms, 48 12.0, 64 11.0, 96 14.4,
+# 128 13.2; at l = 2048, 20.1, 29.7, 22.0, 31.0 and 27.5 ms. A zoo-m2 training step takes 0.56-0.68 s at Q = 32
+# and 0.69-0.80 s at 48.
 CPU_CHUNK_SIZE = 32
 CHUNKS_AT_ONCE = 16  # chunks whose states the scan holds at once (b, 16, H, P, N): 12.6 MB for mamba2-130m
 # Inference holds fewer: its states buffer is written and read four times per chunk (own state, the recurrence,
 # the reads), and at 8 chunks (7 MB for mamba2-130m) it stays in cache. A mamba2-130m layer at l = 1024, medians
-# of 31 side by side: 2 chunks 15.9 ms, 4 13.4, 8 12.9, 16 15.1.
+# of 21 side by side: 2 chunks 13.1 ms, 4 11.3, 8 11.7, 16 12.8, 32 13.3.
 INFERENCE_CHUNKS_AT_ONCE = 8
 
 
@@ -129,7 +130,7 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     """The matmul form: within each chunk of Q tokens a masked (Q, Q) product, across chunks the recurrence.
 
     The sequence is padded with dt = 0 to a multiple of Q: a padded step neither decays nor adds to the state.
-    Inference on CPU in float32 (no gradient wanted) computes the within-chunk decays in numba
+    Inference on CPU in float32 (no gradient wanted) computes the within-chunk part in numba
     (`ops.ssd_cpu`) and carries the states across chunks in one reused buffer; otherwise PyTorch's ops, which
     autograd differentiates.
     """
@@ -147,35 +148,36 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 256, return_final
     dt_hq = dtc.transpose(-1, -2)  # (b, c, H, Q)
     a = dt_hq * A[:, None]  # (b, c, H, Q), non-positive
     scores = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, G, Q, Q): C_t . B_s
-    # weights (b, c, H, Q, Q): exp(seg[t, s]) scores[t, s] dt_s, the decay from s to t (0 above the diagonal);
-    # w_in (b, c, H, Q): exp(seg[Q-1, s]) dt_s, from s to the chunk's end; w_out (b, c, H, Q): from the chunk's
-    # start (before token 0) to t
+    # 1. Within a chunk: y[t] = sum_{s <= t} (C_t . B_s) exp(seg[t, s]) dt_s x_s, and u_s = exp(seg[Q-1, s]) dt_s x_s,
+    # x_s decayed to the chunk's end; w_out (b, c, H, Q): the decay from the chunk's start (before token 0) to t
     if inference:
-        from simba_cli.ops.ssd_cpu import chunk_decays  # one numba pass instead of seven over (b, c, H, Q, Q)
+        from simba_cli.ops.ssd_cpu import within_chunks  # one numba pass for PyTorch's dozen below
 
-        weights, w_in, w_out = chunk_decays(a, dt_hq, scores, R)
+        y, u_in, w_out = within_chunks(a, dt_hq, scores, xc.flatten(1, 2), D, R)  # y with the D skip
+        y, u_in = (t.unflatten(1, (-1, Q)).unflatten(3, (G, R)) for t in (y, u_in))  # (b, c, Q, G, R, P)
+        w_out = _heads_by_group(w_out, G)  # (b, c, G, R, Q)
     else:
         seg = _segment_sums(a)  # (b, c, H, Q, Q)
+        # weights (b, c, H, Q, Q): exp(seg[t, s]) scores[t, s] dt_s (0 above the diagonal); w_in (b, c, H, Q):
+        # exp(seg[Q-1, s]) dt_s, from s to the chunk's end
         weights = (torch.exp(seg).unflatten(2, (G, R)) * scores[:, :, :, None]).flatten(2, 3) * dt_hq[..., None, :]
         w_in, w_out = torch.exp(seg[..., -1, :]) * dt_hq, torch.exp(a.cumsum(-1))
+        x_g = _heads_by_group(xc, G)  # (b, c, Q, G, R, P)
+        y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights.unflatten(2, (G, R)), x_g)
+        w_in, w_out = _heads_by_group(w_in, G), _heads_by_group(w_out, G)  # (b, c, G, R, Q)
+        u_in = x_g * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P)
 
-    # 1. Within a chunk: y[t] = sum_{s <= t} (C_t . B_s) exp(seg[t, s]) dt_s x_s
-    x_g = _heads_by_group(xc, G)  # (b, c, Q, G, R, P)
-    y = torch.einsum("bcgrts,bcsgrp->bctgrp", weights.unflatten(2, (G, R)), x_g)
-
-    # 2. Across chunks: each chunk's own contribution to the state at its end (from a zero state at its
+    # 2. Across chunks: each chunk's own contribution to the state at its end (B^T u, from a zero state at its
     # start); the recurrence over chunks gives the state entering each; that state, decayed to each t within
     # the chunk, is read out. CHUNKS_AT_ONCE chunks at a time: a few large products instead of many small
     # ones, while memory holds that many states (b, H, P, N), not l / Q of them.
-    w_in, w_out = _heads_by_group(w_in, G), _heads_by_group(w_out, G)  # (b, c, G, R, Q)
     chunk_decay = w_out[..., -1, None, None]  # (b, c, G, R, 1, 1): across the whole chunk
-    u_in = x_g * w_in.permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, G, R, P): dt_s x_s decayed to the chunk's end
     state = x.new_zeros(b, G, R, P, N)
     across = _across_chunks_in_place if inference else _across_chunks
     state = across(y, Cc, w_out, u_in, Bc, chunk_decay, state) if xc.shape[1] else state
 
     y = y.flatten(3, 4).flatten(1, 2)[:, :l]  # (b, l, H, P)
-    if D is not None:
+    if D is not None and not inference:
         y = y.addcmul_(x, D.to(dtype)[:, None])
     return (y, state.flatten(1, 2)) if return_final_state else y
 
