@@ -63,6 +63,7 @@ def _within_chunks(a, dt, scores, x, row_stride, D, heads_per_group, y, u, w_out
         d_h = D[h]
         first = (bi * nc + ci) * q  # the chunk's first row of x, y and u
         col = h * hp
+        x0 = first * row_stride + col  # where the head's channels of the chunk's first token start in x
         total = np.float32(0.0)
         for t in range(q):
             for s in range(t):
@@ -75,21 +76,21 @@ def _within_chunks(a, dt, scores, x, row_stride, D, heads_per_group, y, u, w_out
             for s in range(t + 1):
                 w[s] = ex[s] * sc[s] * dt_h[s]
             # 1-d slices of contiguous channels, not computed indices: LLVM vectorises only these loops
-            x_t = x[(first + t) * row_stride + col:(first + t) * row_stride + col + hp]
+            x_t = x[x0 + t * row_stride:x0 + t * row_stride + hp]
             for j in range(hp):
                 acc[j] = d_h * x_t[j]
             for s in range(t + 1):
                 ws = w[s]
-                x_s = x[(first + s) * row_stride + col:(first + s) * row_stride + col + hp]
+                x_s = x[x0 + s * row_stride:x0 + s * row_stride + hp]
                 for j in range(hp):
                     acc[j] += ws * x_s[j]
             y_t = y[first + t, col:col + hp]
             for j in range(hp):
                 y_t[j] = acc[j]
-        _exp_into(seg, w, q, p, ebits)
+        _exp_into(seg, w, q, p, ebits)  # w is now exp(seg[Q-1, s]): the decay from s to the chunk's end
         for s in range(q):
             ws = w[s] * dt_h[s]
-            x_s = x[(first + s) * row_stride + col:(first + s) * row_stride + col + hp]
+            x_s = x[x0 + s * row_stride:x0 + s * row_stride + hp]
             u_s = u[first + s, col:col + hp]
             for j in range(hp):
                 u_s[j] = ws * x_s[j]
